@@ -1,0 +1,275 @@
+"""Hugging Face checkpoints <-> our BERT: one rename table, loading any HF BERT directory, exporting students
+that plain `transformers` loads (`AutoModel`, `AutoModelForSequenceClassification`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tinybert.model import PRESETS, Bert, BertConfig
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be read or written; the message says what, where and how to fix it."""
+
+
+# One rename table, HF name -> our name; `{i}` is a layer index. Names match after the `bert.` prefix is removed.
+RENAMES = [
+    ("embeddings.word_embeddings.{p}", "embeddings.word.{p}"),
+    ("embeddings.position_embeddings.{p}", "embeddings.position.{p}"),
+    ("embeddings.token_type_embeddings.{p}", "embeddings.token_type.{p}"),
+    ("embeddings.LayerNorm.{p}", "embeddings.norm.{p}"),
+    ("encoder.layer.{i}.attention.self.query.{p}", "layers.{i}.attn.q.{p}"),
+    ("encoder.layer.{i}.attention.self.key.{p}", "layers.{i}.attn.k.{p}"),
+    ("encoder.layer.{i}.attention.self.value.{p}", "layers.{i}.attn.v.{p}"),
+    ("encoder.layer.{i}.attention.output.dense.{p}", "layers.{i}.attn.out.{p}"),
+    ("encoder.layer.{i}.attention.output.LayerNorm.{p}", "layers.{i}.attn_norm.{p}"),
+    ("encoder.layer.{i}.intermediate.dense.{p}", "layers.{i}.up.{p}"),
+    ("encoder.layer.{i}.output.dense.{p}", "layers.{i}.down.{p}"),
+    ("encoder.layer.{i}.output.LayerNorm.{p}", "layers.{i}.ffn_norm.{p}"),
+    ("pooler.dense.{p}", "pooler.{p}"),
+    ("classifier.{p}", "classifier.{p}"),
+    ("cls.predictions.transform.dense.{p}", "mlm.dense.{p}"),
+    ("cls.predictions.transform.LayerNorm.{p}", "mlm.norm.{p}"),
+    ("cls.predictions.bias", "mlm.bias"),
+]
+# Present in real checkpoints and deliberately not loaded: the position-id buffer of older transformers, the
+# MLM decoder (tied to the word embeddings, its bias is cls.predictions.bias), the NSP head, and the original
+# TinyBERT's distillation projections (`fit_dense`, `fit_denses.N`), which belong to the distillation.
+IGNORED = re.compile(
+    r"^(embeddings\.position_ids|cls\.predictions\.decoder\.(weight|bias)|cls\.seq_relationship\..*|fit_denses?\..*)$"
+)
+
+
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(f"^{regex}$")
+
+
+_HF_TO_OURS = [(_pattern(hf), ours) for hf, ours in RENAMES]
+_OURS_TO_HF = [(_pattern(ours), hf) for hf, ours in RENAMES]
+
+
+def _rename(name: str, table) -> str | None:
+    for pattern, template in table:
+        if m := pattern.match(name):
+            return template.format(**m.groupdict())
+    return None
+
+
+def hf_to_ours(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename an HF BERT state dict (from BertModel, or with the `bert.` prefix of BertFor*) to our names.
+    Returns (renamed, unexpected); TF-era `gamma`/`beta` LayerNorm names are accepted."""
+    ours, unexpected = {}, []
+    for name, tensor in hf_state.items():
+        name = name.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+        name = name.replace("LayerNorm.beta", "LayerNorm.bias")
+        if IGNORED.match(name):
+            continue
+        new = _rename(name, _HF_TO_OURS)
+        if new is None:
+            unexpected.append(name)
+        else:
+            ours[new] = tensor
+    return ours, unexpected
+
+
+def ours_to_hf(state: dict[str, Tensor], *, prefix: str) -> dict[str, Tensor]:
+    hf = {}
+    for name, tensor in state.items():
+        new = _rename(name, _OURS_TO_HF)
+        if new is None:
+            raise CheckpointError(f"internal: no HF name for weight {name!r}")
+        is_head = new.startswith(("classifier.", "cls."))
+        hf[new if is_head else prefix + new] = tensor.detach().contiguous()
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _config_fields() -> set[str]:
+    return {f.name for f in BertConfig.__dataclass_fields__.values()}
+
+
+def read_config(directory: str | os.PathLike) -> BertConfig:
+    """Read `config.json` of an HF BERT directory. Unknown HF fields (architectures, torch_dtype...) are ignored."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist; give a path to an HF BERT checkpoint")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no config.json; a model directory needs config.json and model.safetensors "
+            f"(or pytorch_model.bin), as written by save_pretrained"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-export the checkpoint") from None
+    model_type = raw.get("model_type", "bert")  # the original TinyBERT's config.json carries no model_type
+    if model_type != "bert":
+        raise CheckpointError(
+            f"{path} has model_type {model_type!r}; tinybert reads BERT checkpoints (model_type 'bert') only"
+        )
+    fields = {k: v for k, v in raw.items() if k in _config_fields()}
+    if raw.get("id2label"):
+        fields["id2label"] = {int(k): v for k, v in raw["id2label"].items()}
+    fields.pop("num_labels", None)  # decided by the weights: a classifier is present or it is not
+    try:
+        return BertConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
+    directory = Path(directory)
+    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
+    try:
+        if safetensors_path.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(safetensors_path)
+        if bin_path.is_file():
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files raise many different exception types
+        path = safetensors_path if safetensors_path.is_file() else bin_path
+        raise CheckpointError(
+            f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"(the file is truncated or corrupt; copy or export it again)"
+        ) from None
+    raise CheckpointError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def load_model(source: str | os.PathLike) -> Bert:
+    """A preset name (random weights) or an HF BERT checkpoint directory (weights loaded exactly)."""
+    if str(source) in PRESETS and not Path(source).exists():
+        return Bert(BertConfig.preset(str(source)))
+    config = read_config(source)
+    weights, unexpected = hf_to_ours(read_weights(source))
+    if "classifier.weight" in weights:
+        num_labels = weights["classifier.weight"].shape[0]
+        id2label = config.id2label if config.id2label and len(config.id2label) == num_labels else None
+        problem_type = config.problem_type or ("regression" if num_labels == 1 else "single_label_classification")
+        config = config.replace(num_labels=num_labels, id2label=id2label, problem_type=problem_type)
+    else:
+        config = config.replace(num_labels=0, id2label=None, problem_type=None)
+    model = Bert(config, mlm_head="mlm.dense.weight" in weights)
+    load_state(model, weights, unexpected, where=str(source))
+    return model
+
+
+def load_state(model: Bert, weights: dict[str, Tensor], unexpected: list[str] = (), *, where: str) -> None:
+    """Copy weights into the model; any missing, unexpected or wrongly shaped weight is an error that names it."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = list(unexpected) + [k for k in weights if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_names(unexpected)}")
+        raise CheckpointError(
+            f"{where}: weights do not match a BERT of its config.json ({'; '.join(parts)}); "
+            f"is config.json the one saved with these weights?"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{where}: weight {name} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected[name].shape)}; the config and the weights come from different models"
+            )
+    model.load_state_dict(weights, strict=True)
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None):
+    """`AutoTokenizer.from_pretrained(dir)`: in transformers 5.x `BertTokenizerFast(vocab_file=...)` silently
+    builds a 5-token vocabulary, so never construct one from a vocab file directly."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot load a tokenizer from {directory} ({type(e).__name__}); it needs vocab.txt or tokenizer.json"
+        ) from None
+    if vocab_size is not None and len(tokenizer) != vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+            f"use the tokenizer the model was trained with"
+        )
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def hf_config(config: BertConfig) -> dict:
+    """config.json contents that `transformers` reads as a BertConfig."""
+    d = {k: v for k, v in vars(config).items() if k not in ("num_labels", "problem_type", "id2label")}
+    d["model_type"] = "bert"
+    if config.num_labels:
+        d["architectures"] = ["BertForSequenceClassification"]
+        id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
+        d["id2label"] = {str(i): label for i, label in id2label.items()}
+        d["label2id"] = {label: i for i, label in id2label.items()}
+        d["problem_type"] = config.problem_type
+    else:
+        d["architectures"] = ["BertModel"]
+    import transformers
+
+    d["transformers_version"] = transformers.__version__
+    return d
+
+
+def save_model(model: Bert, directory: str | os.PathLike, tokenizer=None, *, extra_files: dict[str, str] = None):
+    """Write an HF directory: config.json, model.safetensors (HF names; `bert.` prefix when there is a classifier,
+    as BertForSequenceClassification writes it) and the tokenizer files. The MLM head is not exported.
+    Files are written into a temporary directory first and moved into place, so a failed save leaves no half
+    model behind."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}
+    prefix = "bert." if model.config.num_labels else ""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
+        tmp = Path(tmp)
+        save_file(ours_to_hf(state, prefix=prefix), tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for path in tmp.iterdir():
+            os.replace(path, directory / path.name) if path.is_file() else shutil.move(path, directory / path.name)
+    return directory
+
+
+def init_from_teacher(teacher: Bert, layers: list[int]) -> Bert:
+    """A student of the teacher's width whose layer j is a copy of teacher layer layers[j] (1-based),
+    with the teacher's embeddings and pooler (DistilBERT-style initialisation)."""
+    L = teacher.config.num_hidden_layers
+    if not layers or any(not 1 <= i <= L for i in layers) or sorted(set(layers)) != list(layers):
+        raise CheckpointError(
+            f"--layers {','.join(map(str, layers))}: give strictly increasing teacher layers between 1 and {L}"
+        )
+    student = Bert(teacher.config.replace(num_hidden_layers=len(layers), num_labels=0, id2label=None,
+                                          problem_type=None))
+    student.embeddings.load_state_dict(teacher.embeddings.state_dict())
+    student.pooler.load_state_dict(teacher.pooler.state_dict())
+    for j, i in enumerate(layers):
+        student.layers[j].load_state_dict(teacher.layers[i - 1].state_dict())
+    return student
