@@ -73,6 +73,9 @@ class Distiller(nn.Module):
             raise ValueError(f"loss terms {list(terms)} are invalid; choose among {', '.join(TERMS)}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        if attention_mode not in ("masked", "original") or soft_mode not in ("original", "batchmean"):
+            raise ValueError(f"attention_mode {attention_mode!r} must be 'masked' or 'original' and soft_mode "
+                             f"{soft_mode!r} 'original' or 'batchmean'")
         tc, sc = teacher.config, student.config
         if "prediction" in terms and not sc.num_labels:
             raise ValueError("the 'prediction' term needs a student with a head (num_labels > 0)")
@@ -100,26 +103,18 @@ class Distiller(nn.Module):
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
         layer_map, M = self.layer_map, len(self.layer_map) - 1
         attention, predict = "attention" in self.terms, "prediction" in self.terms
-        student = self.student(
-            ids, mask, types, score_layers=tuple(range(1, M + 1)) if attention else (), num_layers=None if predict else M,
-        )
+        student = self.student(ids, mask, types, score_layers=tuple(range(1, M + 1)) if attention else ())
 
-        # The teacher runs only as far as the losses need: its last mapped layer, or to the logits.
         teacher_logits = batch.get("teacher_logits")
         needs_logits = predict and self.prediction in ("soft", "mse_teacher") and teacher_logits is None
-        if needs_logits:
-            num_layers = None
-        elif "hidden" in self.terms or attention:
-            num_layers = layer_map[-1]
-        elif "embedding" in self.terms:
-            num_layers = layer_map[0]
-        else:
-            num_layers = -1  # nothing asked of the teacher
-        teacher = None
-        if num_layers != -1:
-            with torch.no_grad():  # no_grad rather than inference_mode: its outputs then enter autograd graphs freely
+        if needs_logits or any(t in self.terms for t in ("embedding", "hidden", "attention")):
+            # The teacher stops at its last mapped layer (at the embeddings if only they are compared) unless the
+            # logits are needed, and computes explicit scores only for the mapped layers.
+            last = layer_map[-1] if "hidden" in self.terms or attention else layer_map[0]
+            with torch.no_grad():  # not inference_mode: its outputs then mix freely with the student's graph
                 teacher = self.teacher(
-                    ids, mask, types, score_layers=tuple(layer_map[1:]) if attention else (), num_layers=num_layers,
+                    ids, mask, types, score_layers=tuple(layer_map[1:]) if attention else (),
+                    num_layers=None if needs_logits else last,
                 )
             if needs_logits:
                 teacher_logits = teacher.logits

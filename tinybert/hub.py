@@ -103,7 +103,10 @@ def read_config(directory: str | os.PathLike) -> BertConfig:
     """Read `config.json` of an HF BERT directory. Unknown HF fields (architectures, torch_dtype...) are ignored."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
-        raise CheckpointError(f"model directory {directory} does not exist; give a path to an HF BERT checkpoint")
+        raise CheckpointError(
+            f"{directory} is neither a preset ({', '.join(PRESETS)}) nor a model directory; "
+            f"give a preset name or the path to an HF BERT checkpoint"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"{directory} has no config.json; a model directory needs config.json and model.safetensors "

@@ -1,0 +1,145 @@
+"""The `tinybert` command line: inspect and build models, distil, fine-tune, evaluate, benchmark and publish.
+
+Errors a user can cause (a bad path, a bad recipe, mismatched models) end in one line on stderr and exit code 1;
+set TINYBERT_TRACEBACK=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+import tinybert
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil BERT teachers into small, fast TinyBERT students that plain transformers can load.",
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"tinybert {tinybert.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    pass
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _check_output(output: Path, overwrite: bool):
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} already holds files; choose another --output or pass --overwrite")
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybert-4l-312d, ...) or a model directory.")):
+    """Show a model's config, parameter counts (embeddings / encoder / heads) and size on disk."""
+    from tinybert.hub import load_model
+
+    bert = load_model(model)
+    c = bert.config
+    counts = bert.num_parameters()
+    typer.echo(f"model            {model}")
+    typer.echo(
+        f"shape            {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
+        f"{c.num_attention_heads} heads of {c.head_dim}"
+    )
+    typer.echo(f"vocabulary       {c.vocab_size} tokens, {c.max_position_embeddings} positions, "
+               f"{c.type_vocab_size} token types")
+    head = "none" if not c.num_labels else ("regression" if c.is_regression else f"{c.num_labels} labels")
+    typer.echo(f"head             {head}" + (" + masked-LM head" if bert.mlm is not None else ""))
+    for part in ("embeddings", "encoder", "heads", "total"):
+        typer.echo(f"params {part:<10}{counts[part]:>14,}  ({counts[part] / 1e6:.1f}M)")
+    if Path(model).is_dir():
+        size = sum(p.stat().st_size for p in Path(model).rglob("*") if p.is_file())
+        typer.echo(f"size on disk     {_human_bytes(size)}")
+    else:
+        typer.echo(f"size on disk     {_human_bytes(4 * counts['total'])} (fp32 weights; a preset is not on disk)")
+
+
+@app.command()
+def init(
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write the student to."),
+    preset: Optional[str] = typer.Option(None, help="Student shape: tinybert-4l-312d, tinybert-6l-768d, bert-base."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Directory holding the tokenizer (usually the teacher's)."),
+    from_teacher: Optional[Path] = typer.Option(None, help="Initialise from this teacher's layers instead."),
+    layers: Optional[str] = typer.Option(None, help="With --from-teacher: 1-based teacher layers to copy, e.g. 2,4,6."),
+    seed: int = typer.Option(0, help="Seed for random initialisation."),
+    overwrite: bool = typer.Option(False, help="Replace files in a non-empty --output."),
+):
+    """Write a new student: randomly initialised from a preset, or copied from chosen teacher layers."""
+    import torch
+
+    from tinybert.hub import init_from_teacher, load_model, load_tokenizer, save_model
+    from tinybert.model import Bert, BertConfig
+
+    _check_output(output, overwrite)
+    if from_teacher is not None:
+        if preset is not None:
+            raise click.UsageError("give either --preset or --from-teacher, not both")
+        if not layers:
+            raise click.UsageError("--from-teacher needs --layers, e.g. --layers 2,4,6")
+        try:
+            chosen = [int(x) for x in layers.split(",")]
+        except ValueError:
+            raise click.UsageError(f"--layers {layers!r}: give comma-separated integers, e.g. 2,4,6") from None
+        teacher = load_model(from_teacher)
+        student = init_from_teacher(teacher, chosen)
+        tok = load_tokenizer(tokenizer or from_teacher, vocab_size=student.config.vocab_size)
+        what = f"layers {chosen} of {from_teacher}"
+    else:
+        if preset is None or tokenizer is None:
+            raise click.UsageError("give --preset and --tokenizer (or --from-teacher DIR --layers ...)")
+        config = BertConfig.preset(preset)
+        tok = load_tokenizer(tokenizer)
+        config = config.replace(vocab_size=len(tok), pad_token_id=tok.pad_token_id or 0)
+        torch.manual_seed(seed)
+        student = Bert(config)
+        what = f"preset {preset}, random init (seed {seed})"
+    save_model(student, output, tok)
+    n = student.num_parameters()["total"]
+    typer.echo(f"wrote {output}: {what}, {n / 1e6:.1f}M parameters")
+
+
+# Errors a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        if os.environ.get("TINYBERT_TRACEBACK"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

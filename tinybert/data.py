@@ -1,0 +1,570 @@
+"""Labelled tasks: the nine GLUE tasks (TSV files or the `nyu-mll/glue` hub dataset) and custom CSV/TSV/JSON files,
+tokenisation with dynamic padding, length-grouped batches and GLUE submission files (raw-text corpora: corpus.py).
+
+Follows the GLUE TSV layout written by GLUE's `download_glue_data.py` and the paper's sequence lengths (TinyBERT
+section 4.1: 64 for single-sentence tasks, 128 for sentence pairs).
+"""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+
+class DataError(ValueError):
+    """Data that cannot be used: an unknown task, a missing split file, or a malformed row (named by file and line)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One labelled task: where its text and labels live, how it is scored, how long its sequences are.
+
+    `label_names` is None for regression. GLUE TSV columns are header names, or 0-based positions for files with
+    no header (CoLA train/dev), text columns first and the label last; test files have no label column.
+    """
+
+    name: str
+    text_columns: tuple[str, ...]  # nyu-mll/glue (or custom file) column names -> text_a[, text_b]
+    label_names: tuple[str, ...] | None  # class id i is label_names[i]; None: regression
+    metrics: tuple[str, ...]  # keys of compute_metrics' result
+    main_metric: str  # picks the best checkpoint
+    max_seq_length: int  # paper: 64 single sentence, 128 pairs
+    glue_dir: str | None = None  # folder name written by download_glue_data.py
+    tsv_columns: tuple[str | int, ...] = ()  # train/dev: text columns, then the label column
+    tsv_test_columns: tuple[str | int, ...] = ()  # test: text columns
+    tsv_width: int = 0  # columns per row of a headerless file (CoLA); 0 = as many as the header has
+    string_labels: bool = False  # TSV and submission hold label names (rte, mnli, qnli), not ids
+    dev_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", *self.dev_splits, *self.test_splits)
+
+
+# Label names and their order are the ClassLabel names of the Hugging Face `nyu-mll/glue` dataset (source: its
+# features, as listed in tensorflow/datasets docs/community_catalog/huggingface/glue.md), so class ids agree with
+# teachers fine-tuned on the hub dataset. Metrics and main metrics follow the paper's Table 1 (MCC for CoLA, F1 for
+# MRPC/QQP, Spearman for STS-B, accuracy for the rest).
+TASKS = {
+    "cola": Task(
+        "cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), "matthews_correlation", 64,
+        glue_dir="CoLA", tsv_columns=(3, 1), tsv_test_columns=("sentence",), tsv_width=4,
+    ),
+    "sst2": Task(
+        "sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", 64,
+        glue_dir="SST-2", tsv_columns=("sentence", "label"), tsv_test_columns=("sentence",),
+    ),
+    "mrpc": Task(
+        "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1", 128,
+        glue_dir="MRPC", tsv_columns=("#1 String", "#2 String", "Quality"), tsv_test_columns=("#1 String", "#2 String"),
+    ),
+    "qqp": Task(
+        "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "f1", 128,
+        glue_dir="QQP", tsv_columns=("question1", "question2", "is_duplicate"),
+        tsv_test_columns=("question1", "question2"),
+    ),
+    "stsb": Task(
+        "stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), "spearmanr", 128,
+        glue_dir="STS-B", tsv_columns=("sentence1", "sentence2", "score"), tsv_test_columns=("sentence1", "sentence2"),
+    ),
+    "mnli": Task(
+        "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy", 128,
+        glue_dir="MNLI", tsv_columns=("sentence1", "sentence2", "gold_label"),
+        tsv_test_columns=("sentence1", "sentence2"), string_labels=True,
+        dev_splits=("validation_matched", "validation_mismatched"), test_splits=("test_matched", "test_mismatched"),
+    ),
+    "qnli": Task(
+        "qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
+        glue_dir="QNLI", tsv_columns=("question", "sentence", "label"), tsv_test_columns=("question", "sentence"),
+        string_labels=True,
+    ),
+    "rte": Task(
+        "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
+        glue_dir="RTE", tsv_columns=("sentence1", "sentence2", "label"), tsv_test_columns=("sentence1", "sentence2"),
+        string_labels=True,
+    ),
+    "wnli": Task(
+        "wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy", 128,
+        glue_dir="WNLI", tsv_columns=("sentence1", "sentence2", "label"), tsv_test_columns=("sentence1", "sentence2"),
+    ),
+}
+
+# Bump when parsing changes what a file turns into, so cached Arrow tables built by older code are not reused.
+_FORMAT = "tinybert-data-1"
+
+
+def get_task(name: str) -> Task:
+    """The GLUE task called `name` (e.g. 'sst2'), or a DataError listing the known ones."""
+    task = TASKS.get(name.lower()) if isinstance(name, str) else None
+    if task is None:
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or give your own files)")
+    return task
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_task(name: str, data_dir: str | os.PathLike | None = None, splits: Sequence[str] | None = None) -> datasets.DatasetDict:
+    """One GLUE task as a DatasetDict with columns text_a, [text_b,] label, idx.
+
+    label: class id (ClassLabel, HF order) or float32 score (stsb); -1 on unlabeled test rows. idx: row number.
+    data_dir: the folder holding SST-2/, MRPC/, ... (or the task folder itself); without it, the `nyu-mll/glue` hub
+    dataset. splits: train, validation (mnli: validation_matched, validation_mismatched), test (mnli: test_matched,
+    test_mismatched); all by default, where missing test files are skipped (every split asked for by name must exist).
+    """
+    task = get_task(name)
+    if splits is not None:
+        unknown = [s for s in splits if s not in task.splits]
+        if unknown:
+            raise DataError(f"task {task.name} has no split(s) {unknown}; its splits are {list(task.splits)}")
+    if data_dir is None:
+        return _load_glue_hub(task, splits)
+
+    folder = _glue_folder(task, Path(data_dir))
+    if splits is None:
+        splits = [s for s in task.splits if not s.startswith("test") or (folder / _split_file(s)).is_file()]
+    out = {}
+    for split in splits:
+        path = folder / _split_file(split)
+        if not path.is_file():
+            raise DataError(f"missing split file {path} (split {split!r} of task {task.name})")
+        labelled = not split.startswith("test")
+        columns = _read_glue_tsv(path, task, labelled)
+        out[split] = _to_dataset(columns, task, split)
+    return datasets.DatasetDict(out)
+
+
+def _split_file(split: str) -> str:
+    # train -> train.tsv, validation -> dev.tsv, validation_matched -> dev_matched.tsv, test_matched -> test_matched.tsv
+    return split.replace("validation", "dev") + ".tsv"
+
+
+def _glue_folder(task: Task, root: Path) -> Path:
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    if (root / task.glue_dir).is_dir():
+        return root / task.glue_dir
+    if any((root / _split_file(s)).is_file() for s in task.splits):
+        return root  # pointed straight at the task folder
+    raise DataError(
+        f"{root} holds no {task.glue_dir}/ folder and no GLUE TSV files: give the folder that holds {task.glue_dir}/ "
+        f"(as GLUE's download_glue_data.py writes it) or {task.glue_dir}/ itself"
+    )
+
+
+def _read_glue_tsv(path: Path, task: Task, labelled: bool) -> dict[str, list]:
+    """Parse one GLUE TSV file into columns, checking every row; errors name the file and the line."""
+    spec = task.tsv_columns if labelled else task.tsv_test_columns
+    text_spec, label_spec = (spec[:-1], spec[-1]) if labelled else (spec, None)
+    if task.string_labels:
+        label_ids = {n: i for i, n in enumerate(task.label_names)}
+    elif not task.is_regression:
+        label_ids = {str(i): i for i in range(task.num_labels)}
+    texts: list[list[str]] = [[] for _ in text_spec]
+    labels: list = []
+    # GLUE text holds bare quotes (MRPC, RTE, STS-B): no quoting. MRPC starts with a BOM: utf-8-sig.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if isinstance(spec[0], int):  # headerless (CoLA train/dev)
+            width, where = task.tsv_width, list(spec)
+        else:
+            header = next(reader, None)
+            missing = [c for c in spec if header is None or c not in header]
+            if missing:
+                raise DataError(f"{path} line 1: header lacks column(s) {missing}; the header is {header}")
+            width, where = len(header), [header.index(c) for c in spec]
+        for row in reader:
+            if not row:
+                continue  # blank line
+            line = reader.line_num
+            if len(row) != width:
+                raise DataError(f"{path} line {line}: expected {width} tab-separated columns, got {len(row)}")
+            for j, column in enumerate(text_spec):
+                text = row[where[j]]
+                if not text.strip():
+                    raise DataError(f"{path} line {line}: empty text in {_column_name(column)}")
+                texts[j].append(text)  # verbatim, as nyu-mll/glue has it (SST-2 keeps its trailing space)
+            if not labelled:
+                labels.append(-1.0 if task.is_regression else -1)
+                continue
+            raw = row[where[-1]]
+            if task.is_regression:
+                labels.append(_parse_float(raw, f"{path} line {line}"))
+            elif raw in label_ids:
+                labels.append(label_ids[raw])
+            else:
+                raise DataError(f"{path} line {line}: label {raw!r} is not one of {', '.join(label_ids)}")
+    return _columns(texts, labels)
+
+
+def _column_name(column: str | int) -> str:
+    return f"column {column + 1}" if isinstance(column, int) else f"column {column!r}"
+
+
+def _parse_float(raw, where: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or isinstance(raw, bool):
+        raise DataError(f"{where}: label {raw!r} is not a finite number")
+    return value
+
+
+def _columns(texts: list[list[str]], labels: list) -> dict[str, list]:
+    columns = {"text_a": texts[0]}
+    if len(texts) == 2:
+        columns["text_b"] = texts[1]
+    columns["label"] = labels
+    columns["idx"] = list(range(len(labels)))
+    return columns
+
+
+def _features(task: Task) -> datasets.Features:
+    features = {"text_a": datasets.Value("string")}
+    if task.is_pair:
+        features["text_b"] = datasets.Value("string")
+    # float32 as nyu-mll/glue stores STS-B scores; ClassLabel keeps the names with the ids and allows -1 (unlabeled).
+    features["label"] = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names))
+    features["idx"] = datasets.Value("int64")
+    return datasets.Features(features)
+
+
+def _yield_rows(columns: dict[str, list]) -> Iterator[dict]:
+    names = list(columns)
+    for values in zip(*columns.values()):
+        yield dict(zip(names, values))
+
+
+def _to_dataset(columns: dict[str, list], task: Task, split: str) -> datasets.Dataset:
+    """Parsed columns -> an Arrow-backed Dataset in the datasets cache, keyed by its content.
+
+    Why not `Dataset.from_dict`: that table lives in memory, and `map` never caches results of in-memory datasets,
+    so `tokenize` would re-run on every start. `from_generator` writes the table once under the datasets cache
+    (HF_DATASETS_CACHE) and memory-maps it; its fingerprint is the sha256 of the parsed content (plus features and
+    _FORMAT), so the same data always gets the same fingerprint and `tokenize`'s map finds its cached result, while
+    any change to a file, or to how it is parsed, gets a fresh one. Parsing (and so every check) runs on every load;
+    it is cheap next to tokenisation (SST-2 train: ~0.1 s).
+    """
+    features = _features(task)
+    digest = hashlib.sha256(pickle.dumps((_FORMAT, str(features), split, columns), protocol=4)).hexdigest()[:32]
+    # A dict value (not a list) in gen_kwargs: datasets would shard a list into one generator call per item.
+    return datasets.Dataset.from_generator(
+        _yield_rows, features=features, gen_kwargs={"columns": columns}, split=split, fingerprint=digest
+    )
+
+
+def _load_glue_hub(task: Task, splits: Sequence[str] | None) -> datasets.DatasetDict:
+    try:
+        loaded = datasets.load_dataset("nyu-mll/glue", task.name)
+    except Exception as e:  # no network, hub down, offline mode: all end the same way for the user
+        raise DataError(
+            f"could not load nyu-mll/glue/{task.name} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            f"without network access, download GLUE (download_glue_data.py) and pass --data-dir "
+            f"(the folder holding {task.glue_dir}/)"
+        ) from e
+    rename = dict(zip(task.text_columns, ("text_a", "text_b")))
+    out = {}
+    for split in splits or [s for s in task.splits if s in loaded]:
+        if split not in loaded:
+            raise DataError(f"nyu-mll/glue/{task.name} has no split {split!r}; it has {list(loaded)}")
+        ds = loaded[split].rename_columns(rename)
+        out[split] = ds.select_columns(list(_features(task))).cast(_features(task))
+    return datasets.DatasetDict(out)
+
+
+def load_custom(
+    files: Mapping[str, str | os.PathLike],
+    text_columns: Sequence[str],
+    label_column: str,
+    regression: bool | None = None,
+) -> tuple[datasets.DatasetDict, Task]:
+    """Your own task from CSV, TSV, JSON (an array of objects, or one object per line) or JSONL files, by extension.
+
+    files: split -> path; 'train' is required (it defines the label set). Returns the same columns as load_task
+    and a Task named 'custom'. Labels: the sorted set of train labels (numerically when all are integers), stored
+    as strings; a split without the label column is unlabeled (-1). regression=None infers it: numeric train labels
+    with a fractional value mean regression; integer-valued scores need regression=True.
+    """
+    if "train" not in files:
+        raise DataError(f"custom data needs a 'train' file (it defines the label set); got splits {list(files)}")
+    if len(text_columns) not in (1, 2):
+        raise DataError(f"text_columns must name 1 or 2 columns, got {list(text_columns)}")
+    wanted = [*text_columns, label_column]
+    raw = {split: _read_records(Path(path), wanted) for split, path in files.items()}
+
+    _, train_labels, _ = raw["train"]
+    if train_labels is None:
+        raise DataError(f"{files['train']}: no label column {label_column!r}")
+    if regression is None:
+        regression = all(_is_number(v) for v in train_labels) and any(float(v) % 1 for v in train_labels)
+    if regression:
+        label_names = None
+    else:
+        names = {str(v) for v in train_labels}
+        integers = all(_is_integer(n) for n in names)
+        label_names = tuple(sorted(names, key=(lambda n: int(n)) if integers else None))
+        if len(label_names) < 2:
+            raise DataError(f"{files['train']}: column {label_column!r} has only one label {label_names}; need 2 or more")
+
+    pair = len(text_columns) == 2
+    task = Task(
+        "custom", tuple(text_columns), label_names,
+        metrics=("pearson", "spearmanr") if regression else ("accuracy", "f1") if len(label_names) == 2 else ("accuracy",),
+        main_metric="spearmanr" if regression else "accuracy",
+        max_seq_length=128 if pair else 64,
+    )
+    label_ids = {n: i for i, n in enumerate(label_names or ())}
+    out = {}
+    for split, (texts, labels, where) in raw.items():
+        if labels is None:
+            ids = [-1.0 if regression else -1] * len(texts[0])
+        elif regression:
+            ids = [_parse_float(v, w) for v, w in zip(labels, where)]
+        else:
+            ids = []
+            for v, w in zip(labels, where):
+                if str(v) not in label_ids:
+                    raise DataError(f"{w}: label {v!r} is not one of the train labels {', '.join(label_names)}")
+                ids.append(label_ids[str(v)])
+        out[split] = _to_dataset(_columns(texts, ids), task, split)
+    return datasets.DatasetDict(out), task
+
+
+def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, list[str]]:
+    """Read text columns (all required) and the label column (optional) of one custom file; checks every record.
+
+    Returns the text columns, the labels (None without a label column) and, per record, 'FILE line N' for errors.
+    """
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        records = _csv_records(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".json", ".jsonl"):
+        records = _json_records(path)
+    else:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .json or .jsonl")
+    *text_names, label_name = wanted
+    texts: list[list[str]] = [[] for _ in text_names]
+    labels: list = []
+    where: list[str] = []
+    has_label = None
+    for loc, record in records:
+        missing = [c for c in text_names if c not in record]
+        if missing:
+            raise DataError(f"{loc}: no column(s) {missing}; found {list(record)}")
+        if has_label is None:
+            has_label = label_name in record
+        for j, name in enumerate(text_names):
+            text = record[name]
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{loc}: empty or non-text value in column {name!r}: {text!r}")
+            texts[j].append(text)
+        if has_label:
+            value = record.get(label_name)
+            if value is None or value == "" or isinstance(value, (list, dict)):
+                raise DataError(f"{loc}: missing or empty label in column {label_name!r}")
+            labels.append(value)
+        where.append(loc)
+    if not where:
+        raise DataError(f"{path}: no rows")
+    return texts, (labels if has_label else None), where
+
+
+def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    # Custom files are ordinary quoted CSV/TSV (unlike GLUE's), so standard quoting; line_num counts physical lines.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path} line 1: expected a header line")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path} line {reader.line_num}: expected {len(header)} {_sep_name(delimiter)}-separated "
+                    f"columns, got {len(row)}"
+                )
+            yield f"{path} line {reader.line_num}", dict(zip(header, row))
+
+
+def _sep_name(delimiter: str) -> str:
+    return "tab" if delimiter == "\t" else "comma"
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON array of objects
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from e
+        for i, item in enumerate(items):
+            loc = f"{path} record {i + 1}"
+            if not isinstance(item, dict):
+                raise DataError(f"{loc}: expected a JSON object, got {type(item).__name__}")
+            yield loc, item
+        return
+    for n, line in enumerate(text.splitlines(), start=1):  # JSON Lines
+        if not line.strip():
+            continue
+        loc = f"{path} line {n}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{loc}: invalid JSON: {e.msg}") from e
+        if not isinstance(item, dict):
+            raise DataError(f"{loc}: expected a JSON object, got {type(item).__name__}")
+        yield loc, item
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_integer(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenisation, padding, batching
+
+
+def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, max_seq_length: int) -> datasets.DatasetDict:
+    """text_a[, text_b], label -> input_ids, token_type_ids, attention_mask (unpadded, at most max_seq_length,
+    pairs truncated longest-first), labels; idx is kept.
+
+    `map` caches its result next to a file-backed dataset (all of load_task/load_custom's are): the cache key is the
+    dataset fingerprint plus a hash of this function with its tokenizer and max_seq_length.
+    """
+
+    def encode(batch):
+        pair = (batch["text_b"],) if "text_b" in batch else ()
+        enc = tokenizer(
+            batch["text_a"], *pair, truncation="longest_first", max_length=max_seq_length,
+            return_token_type_ids=True, return_attention_mask=True,
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "token_type_ids": enc["token_type_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": batch["label"],
+        }
+
+    out = {}
+    for split, ds in dataset_dict.items():
+        drop = [c for c in ("text_a", "text_b", "label") if c in ds.column_names]
+        out[split] = ds.map(encode, batched=True, remove_columns=drop, desc=f"tokenizing {split}")
+    return datasets.DatasetDict(out)
+
+
+def collate(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Rows of `tokenize` -> a batch padded to its longest row (dynamic padding).
+
+    input_ids, token_type_ids, attention_mask: (B, T) long, T = longest row; padding is pad_token_id, 0 and 0.
+    labels: (B,) long for classes, float for regression scores. Other keys (idx) are left out.
+    """
+    lengths = [len(f["input_ids"]) for f in features]
+    B, T = len(features), max(lengths)
+    batch = {}
+    for key, pad in (("input_ids", pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
+        if key not in features[0]:
+            continue
+        out = torch.full((B, T), pad, dtype=torch.long)  # B, T
+        for i, f in enumerate(features):
+            out[i, : lengths[i]] = torch.as_tensor(f[key], dtype=torch.long)
+        batch[key] = out
+    if "labels" in features[0]:
+        labels = [f["labels"] for f in features]
+        regression = any(isinstance(v, float) or (torch.is_tensor(v) and v.is_floating_point()) for v in labels)
+        batch["labels"] = torch.tensor([float(v) for v in labels] if regression else [int(v) for v in labels],
+                                       dtype=torch.float if regression else torch.long)  # B
+    return batch
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, mega: int = 50
+) -> list[list[int]]:
+    """Shuffled batches of similar-length rows, so dynamic padding pads little.
+
+    Shuffle all indices, sort each mega-batch of mega*batch_size by length (longest first), cut it into batches,
+    then shuffle the order of the batches. Every index appears exactly once (the last batch of a mega-batch may be
+    short). Only `generator` draws random numbers: the same generator state gives the same batches (resume relies
+    on it).
+    """
+    if batch_size < 1 or mega < 1:
+        raise ValueError(f"batch_size and mega must be >= 1, got {batch_size} and {mega}")
+    lengths = [int(n) for n in lengths]
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = mega * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])  # stable: ties keep shuffled order
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GLUE submission files
+
+
+def write_submission(
+    task: str | Task, predictions: Sequence, path: str | os.PathLike, indices: Sequence[int] | None = None
+) -> Path:
+    """Write one GLUE server prediction file: a header `index<TAB>prediction`, then one row per test example.
+
+    predictions: class ids (or scores for stsb) in test-file order; indices: the rows' idx (default 0, 1, ...).
+    Written as label names for rte/mnli/qnli (the server expects them), ids for the other classification tasks,
+    scores with 3 decimals for stsb. Naming the file (SST-2.tsv, MNLI-m.tsv, ...) is the caller's business.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    values = predictions.tolist() if hasattr(predictions, "tolist") else list(predictions)
+    indices = list(range(len(values))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(values):
+        raise ValueError(f"{len(values)} predictions but {len(indices)} indices")
+    rows = []
+    for i, p in zip(indices, values):
+        if task.is_regression:
+            rows.append(f"{i}\t{float(p):.3f}")
+            continue
+        if int(p) != p or not 0 <= int(p) < task.num_labels:
+            raise ValueError(f"prediction {p!r} for index {i} is not a class id of {task.name} (0..{task.num_labels - 1})")
+        rows.append(f"{i}\t{task.label_names[int(p)] if task.string_labels else int(p)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("index\tprediction\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
