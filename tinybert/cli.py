@@ -119,6 +119,33 @@ def init(
     typer.echo(f"wrote {output}: {what}, {n / 1e6:.1f}M parameters")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def distill(
+    ctx: typer.Context,
+    recipe: str = typer.Option(..., help="general | task, or a path to a recipe YAML."),
+    teacher: Path = typer.Option(..., help="Teacher model directory (any HF BERT checkpoint)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory: checkpoints, logs, the exported student."),
+    corpus: Optional[list[str]] = typer.Option(None, help="General: text files, folders, or a datasets hub id."),
+    student: Optional[str] = typer.Option(None, help="Student preset or directory (default tinybert-4l-312d)."),
+    resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace a run already in --output."),
+    dry_run: bool = typer.Option(False, help="Print the recipe, models, layer map and data size, then exit."),
+):
+    """Distil a teacher into a student. Extra KEY=VALUE arguments override recipe keys (learning_rate=1e-4)."""
+    from tinybert.recipe import load_recipe
+
+    loaded = load_recipe(recipe, ctx.args)
+    if loaded.recipe == "general":
+        from tinybert.general import run_general
+
+        if not corpus:
+            raise click.UsageError("general distillation needs --corpus PATH [--corpus PATH ...]")
+        run_general(loaded, teacher=str(teacher), corpus=corpus, output=output, student=student, resume=resume,
+                    overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+    else:
+        raise click.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; distill runs general recipes")
+
+
 # Errors a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
@@ -134,8 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except USER_ERRORS as e:
-        if os.environ.get("TINYBERT_TRACEBACK"):
+    except Exception as e:
+        from tinybert.train import TrainingError
+
+        if not isinstance(e, USER_ERRORS + (TrainingError,)) or os.environ.get("TINYBERT_TRACEBACK"):
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

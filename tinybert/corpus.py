@@ -1,6 +1,5 @@
-"""Raw-text corpora for general distillation (TinyBERT section 3.2, first stage): documents from text files or a hub
-dataset, tokenised once with the teacher's tokenizer and packed into BERT pre-training inputs `[CLS] A [SEP] B [SEP]`
-(Devlin et al. 2019, section 3.1). No MLM or NSP labels: the general-distillation losses use intermediate layers only.
+"""Raw-text corpora for general distillation (TinyBERT section 3.2, stage one): text -> BERT pre-training inputs
+`[CLS] A [SEP] B [SEP]` (Devlin et al. 2019, section 3.1), tokenised once; no MLM/NSP labels, the losses are layer-wise.
 
 Pipeline, every step a `datasets` transform whose cache files land next to the documents' Arrow file:
   read_documents   files -> one row per file (`text`: paragraphs, each on one line, separated by blank lines)
@@ -94,7 +93,7 @@ def read_documents(paths: list[str], *, cache_dir: str | None = None) -> dataset
 
 
 def _read_files(files: list[Path], cache_dir: str | None) -> datasets.Dataset:
-    files = list(dict.fromkeys(files))  # a file named twice (itself and through its folder) is one document
+    files = list(dict.fromkeys(f.resolve() for f in files))  # named twice (itself, its folder): one document
     # Size and mtime are in the builder's hashed kwargs only to invalidate the cache when a file changes
     # (the same key `datasets` uses for local data files); the generator itself ignores them.
     keyed = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -241,7 +240,7 @@ def _hold_out(streams: datasets.Dataset, heldout_fraction, seed: int) -> tuple[d
     """Split tokenised documents into (train, heldout): whole documents chosen by `seed`, or with a single
     document its tail paragraphs."""
     if len(streams) == 1:
-        n_paragraphs = len(streams[0]["paragraph_lengths"])
+        n_paragraphs = len(streams.select_columns(["paragraph_lengths"])[0]["paragraph_lengths"])
         k = _heldout_count(heldout_fraction, n_paragraphs, "paragraphs of the single document")
         cut = n_paragraphs - k
         return (
@@ -259,7 +258,7 @@ def _heldout_count(heldout_fraction, n: int, unit: str) -> int:
     if isinstance(heldout_fraction, int):
         if heldout_fraction < 0:
             raise ValueError(f"heldout_fraction must be >= 0, got {heldout_fraction}")
-        if heldout_fraction >= n > 0 and heldout_fraction:
+        if heldout_fraction and heldout_fraction >= n:
             raise CorpusError(f"cannot hold out {heldout_fraction} of {n} {unit}: at least one must stay for training")
         return heldout_fraction
     if not 0.0 <= heldout_fraction < 1.0:

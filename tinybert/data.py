@@ -1,8 +1,8 @@
 """Labelled tasks: the nine GLUE tasks (TSV files or the `nyu-mll/glue` hub dataset) and custom CSV/TSV/JSON files,
 tokenisation with dynamic padding, length-grouped batches and GLUE submission files (raw-text corpora: corpus.py).
 
-Follows the GLUE TSV layout written by GLUE's `download_glue_data.py` and the paper's sequence lengths (TinyBERT
-section 4.1: 64 for single-sentence tasks, 128 for sentence pairs).
+Follows the GLUE TSV layout written by GLUE's `download_glue_data.py` and TinyBERT's task-distillation sequence
+lengths (Jiao et al., 2020: 64 for single-sentence tasks, 128 for sentence pairs).
 """
 
 import csv
@@ -126,7 +126,9 @@ def get_task(name: str) -> Task:
 # Loading
 
 
-def load_task(name: str, data_dir: str | os.PathLike | None = None, splits: Sequence[str] | None = None) -> datasets.DatasetDict:
+def load_task(
+    name: str, data_dir: str | os.PathLike | None = None, splits: Sequence[str] | None = None
+) -> datasets.DatasetDict:
     """One GLUE task as a DatasetDict with columns text_a, [text_b,] label, idx.
 
     label: class id (ClassLabel, HF order) or float32 score (stsb); -1 on unlabeled test rows. idx: row number.
@@ -177,7 +179,7 @@ def _glue_folder(task: Task, root: Path) -> Path:
 def _read_glue_tsv(path: Path, task: Task, labelled: bool) -> dict[str, list]:
     """Parse one GLUE TSV file into columns, checking every row; errors name the file and the line."""
     spec = task.tsv_columns if labelled else task.tsv_test_columns
-    text_spec, label_spec = (spec[:-1], spec[-1]) if labelled else (spec, None)
+    text_spec = spec[:-1] if labelled else spec  # the label is the last column of train/dev
     if task.string_labels:
         label_ids = {n: i for i, n in enumerate(task.label_names)}
     elif not task.is_regression:
@@ -247,7 +249,10 @@ def _features(task: Task) -> datasets.Features:
     if task.is_pair:
         features["text_b"] = datasets.Value("string")
     # float32 as nyu-mll/glue stores STS-B scores; ClassLabel keeps the names with the ids and allows -1 (unlabeled).
-    features["label"] = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names))
+    if task.is_regression:
+        features["label"] = datasets.Value("float32")
+    else:
+        features["label"] = datasets.ClassLabel(names=list(task.label_names))
     features["idx"] = datasets.Value("int64")
     return datasets.Features(features)
 
@@ -327,12 +332,15 @@ def load_custom(
         integers = all(_is_integer(n) for n in names)
         label_names = tuple(sorted(names, key=(lambda n: int(n)) if integers else None))
         if len(label_names) < 2:
-            raise DataError(f"{files['train']}: column {label_column!r} has only one label {label_names}; need 2 or more")
+            raise DataError(f"{files['train']}: column {label_column!r} has one label only, {label_names}; need 2+")
 
     pair = len(text_columns) == 2
+    if regression:
+        metrics = ("pearson", "spearmanr")
+    else:
+        metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy",)  # F1 of class 1 needs 2 classes
     task = Task(
-        "custom", tuple(text_columns), label_names,
-        metrics=("pearson", "spearmanr") if regression else ("accuracy", "f1") if len(label_names) == 2 else ("accuracy",),
+        "custom", tuple(text_columns), label_names, metrics,
         main_metric="spearmanr" if regression else "accuracy",
         max_seq_length=128 if pair else 64,
     )
@@ -395,7 +403,8 @@ def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list 
 
 
 def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    # Custom files are ordinary quoted CSV/TSV (unlike GLUE's), so standard quoting; line_num counts physical lines.
+    # Custom files are ordinary quoted CSV/TSV (unlike GLUE's), so standard quoting. line_num counts physical lines
+    # (a quoted field may span several; the record is named by its last line).
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
@@ -430,7 +439,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{loc}: expected a JSON object, got {type(item).__name__}")
             yield loc, item
         return
-    for n, line in enumerate(text.splitlines(), start=1):  # JSON Lines
+    for n, line in enumerate(text.split("\n"), start=1):  # JSON Lines (not splitlines: JSON strings may hold U+2028)
         if not line.strip():
             continue
         loc = f"{path} line {n}"
@@ -562,7 +571,9 @@ def write_submission(
             rows.append(f"{i}\t{float(p):.3f}")
             continue
         if int(p) != p or not 0 <= int(p) < task.num_labels:
-            raise ValueError(f"prediction {p!r} for index {i} is not a class id of {task.name} (0..{task.num_labels - 1})")
+            raise ValueError(
+                f"prediction {p!r} for index {i} is not a class id of {task.name} (0..{task.num_labels - 1})"
+            )
         rows.append(f"{i}\t{task.label_names[int(p)] if task.string_labels else int(p)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -164,15 +165,22 @@ def load_model(source: str | os.PathLike) -> Bert:
     else:
         config = config.replace(num_labels=0, id2label=None, problem_type=None)
     model = Bert(config, mlm_head="mlm.dense.weight" in weights)
+    if "pooler.weight" not in weights and "pooler.bias" not in weights:
+        # BertForMaskedLM checkpoints have no pooler (add_pooling_layer=False). Like transformers, keep BERT's
+        # initialisation and say so: distillation reads hidden states and scores, fine-tuning trains the pooler.
+        warnings.warn(f"{source} has no pooler weights (a BertForMaskedLM checkpoint?); the pooler is newly "
+                      f"initialised", stacklevel=2)
+        weights.update({f"pooler.{p}": t for p, t in model.pooler.state_dict().items()})
     load_state(model, weights, unexpected, where=str(source))
     return model
 
 
 def load_state(model: Bert, weights: dict[str, Tensor], unexpected: list[str] = (), *, where: str) -> None:
-    """Copy weights into the model; any missing, unexpected or wrongly shaped weight is an error that names it."""
+    """Copy weights into the model; any missing, unexpected or wrongly shaped weight is an error that names it
+    by its HF name, the name the user sees in the file."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = list(unexpected) + [k for k in weights if k not in expected]
+    missing = [_hf_name(k) for k in expected if k not in weights]
+    unexpected = list(unexpected) + [_hf_name(k) for k in weights if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
@@ -186,10 +194,14 @@ def load_state(model: Bert, weights: dict[str, Tensor], unexpected: list[str] = 
     for name, tensor in weights.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(
-                f"{where}: weight {name} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{where}: weight {_hf_name(name)} has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(expected[name].shape)}; the config and the weights come from different models"
             )
     model.load_state_dict(weights, strict=True)
+
+
+def _hf_name(name: str) -> str:
+    return _rename(name, _OURS_TO_HF) or name
 
 
 def _names(names: list[str], limit: int = 6) -> str:

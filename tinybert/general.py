@@ -1,0 +1,162 @@
+"""General distillation (TinyBERT section 3.2, first stage): a teacher into a student on raw text with the
+embedding, hidden-state and attention losses, on the shared loop of train.py."""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from tinybert.corpus import build_corpus, collate, corpus_stats
+from tinybert.distill import Distiller
+from tinybert.hub import CheckpointError, load_model, load_tokenizer, save_model
+from tinybert.model import PRESETS, Bert, BertConfig
+from tinybert.recipe import Recipe
+from tinybert.train import (
+    Stage,
+    TrainingError,
+    average_terms,
+    build_engine,
+    checkpoints,
+    default_device,
+    init_deepspeed,
+    load_checkpoint,
+    seed_everything,
+    total_steps,
+    train,
+    world,
+)
+
+
+def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one directory."""
+    latest = checkpoints(output)[-1] if output.is_dir() and checkpoints(output) else None
+    if resume:
+        if latest is None:
+            raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; drop --resume to start")
+        return latest
+    holds_run = output.is_dir() and any((output / name).exists() for name in ("checkpoints", "log.jsonl", "student"))
+    if holds_run and not overwrite:
+        raise TrainingError(
+            f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            f"or choose another --output"
+        )
+    if holds_run and world()[0] == 0:
+        for name in ("checkpoints", "log.jsonl", "tensorboard", "student", "recipe.yaml"):
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return None
+
+
+def build_student(student: str | None, teacher: Bert) -> Bert:
+    """A preset (random init, the teacher's vocabulary) or a model directory; default tinybert-4l-312d."""
+    student = student or "tinybert-4l-312d"
+    if student in PRESETS and not Path(student).exists():
+        tc = teacher.config
+        return Bert(BertConfig.preset(student, vocab_size=tc.vocab_size, pad_token_id=tc.pad_token_id,
+                                      max_position_embeddings=tc.max_position_embeddings,
+                                      type_vocab_size=tc.type_vocab_size))
+    model = load_model(student)
+    if model.config.vocab_size != teacher.config.vocab_size:
+        raise CheckpointError(
+            f"student {student} has a vocabulary of {model.config.vocab_size} tokens but the teacher has "
+            f"{teacher.config.vocab_size}; distillation needs the same tokenizer for both"
+        )
+    return model
+
+
+def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller, stats: dict, steps: int) -> str:
+    """The --dry-run report: recipe, both shapes, the layer map, the corpus and the schedule."""
+    lines = ["recipe:", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ")]
+    lines[-1] = "  " + lines[-1]
+    for name, model in (("teacher", teacher), ("student", student)):
+        c, n = model.config, model.num_parameters()
+        lines.append(f"{name}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
+                     f"{c.num_attention_heads} heads; {n['total'] / 1e6:.1f}M parameters "
+                     f"({n['embeddings'] / 1e6:.1f}M embeddings, {n['encoder'] / 1e6:.1f}M encoder)")
+    lines.append("layer map (state 0 = embeddings):")
+    lines.append(f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores")
+    sh, th = student.config.hidden_size, teacher.config.hidden_size
+    proj = "identity" if sh == th else f"{sh} -> {th}" + (" (shared)" if recipe.shared_projection else "")
+    attention = "attention" in distiller.terms
+    for j, t in enumerate(distiller.layer_map):
+        scores = f"layer {j} <- layer {t}" if attention and j > 0 else "-"
+        lines.append(f"  {j:>8} <- {t:<8} {proj:<14} {scores}")
+    n_proj = sum(p.numel() for p in distiller.projections.parameters())
+    lines.append(f"projections: {n_proj:,} parameters (trained with the student, never exported)")
+    for split, s in stats.items():
+        lines.append(f"corpus {split}: {s['rows']:,} sequences, {s['tokens']:,} tokens, {s['documents']} documents")
+    lines.append(f"schedule: {steps:,} optimizer steps of {recipe.batch_size} sequences "
+                 f"({recipe.grad_accum} micro-batches each), warmup {int(recipe.warmup_ratio * steps)} steps")
+    return "\n".join(lines)
+
+
+def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path, student: str | None = None,
+                resume: bool = False, overwrite: bool = False, dry_run: bool = False, progress: bool = True,
+                echo=print) -> Path | None:
+    """Distil `teacher` into `student` on `corpus`; returns the exported student directory (None on a dry run)."""
+    output = Path(output)
+    checkpoint = None if dry_run else prepare_output(output, resume=resume, overwrite=overwrite)
+    if recipe.deepspeed is not None and not dry_run:
+        init_deepspeed()
+    rank, world_size = world()
+    seed_everything(recipe.seed)
+    teacher_model = load_model(teacher)
+    tokenizer = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
+    student_model = build_student(student, teacher_model)
+    terms = {name: weight for name, weight in recipe.terms.items() if name != "prediction"}
+    if not terms:
+        raise TrainingError("general distillation needs at least one of the embedding, hidden, attention terms")
+    distiller = Distiller(teacher_model, student_model, recipe.layer_map, terms=tuple(terms),
+                          attention_mode=recipe.attention_mode, shared_projection=recipe.shared_projection)
+    data = build_corpus(corpus, tokenizer, max_seq_length=recipe.max_seq_length,
+                        heldout_fraction=recipe.heldout_fraction, seed=recipe.seed)
+    micro = recipe.batch_size // (recipe.grad_accum * world_size)
+    if micro == 0:
+        raise TrainingError(f"batch_size {recipe.batch_size} is smaller than grad_accum x processes "
+                            f"({recipe.grad_accum} x {world_size})")
+
+    def plan(epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(recipe.seed + epoch))
+        return [order[i:i + micro].tolist() for i in range(0, len(order) - micro + 1, micro)]
+
+    pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    heldout = data["heldout"]
+    heldout_batches = [list(range(i, min(i + micro, len(heldout)))) for i in range(0, len(heldout), micro)]
+    device = default_device()
+    stage = Stage(
+        name="general", module=distiller, weights=terms, dataset=data["train"], plan=plan, collate=pad,
+        evaluate=(lambda module: average_terms(module, heldout, heldout_batches, pad, device, recipe.precision,
+                                               terms)) if len(heldout) else None,
+    )
+    steps = total_steps(stage, recipe)
+    if dry_run:
+        echo(describe(recipe, teacher_model, student_model, distiller, corpus_stats(data), steps))
+        return None
+
+    teacher_model.to(device)
+    distiller.to(device)
+    if recipe.deepspeed is not None and recipe.precision == "bf16":
+        teacher_model.to(torch.bfloat16)  # DeepSpeed bf16 runs the student in bf16 weights; match the teacher
+    engine = build_engine(distiller, recipe, steps, device)
+    state = load_checkpoint(engine, checkpoint) if checkpoint else None
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(yaml.safe_dump(
+            {**recipe.to_dict(), "teacher": str(teacher), "student": student, "corpus": [str(c) for c in corpus]},
+            sort_keys=False))
+        if checkpoint:
+            echo(f"resuming from {checkpoint} (step {state['step']} of {steps})")
+    train(stage, engine, recipe, output, steps, resume=state, progress=progress)
+    if rank != 0:
+        return None
+    final = output / "student"
+    weights = {k: v.float() for k, v in engine.module.student.state_dict().items()}
+    export = Bert(student_model.config)
+    export.load_state_dict(weights)
+    save_model(export, final, tokenizer)
+    echo(f"student written to {final}")
+    return final

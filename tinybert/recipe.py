@@ -1,0 +1,226 @@
+"""Recipes: YAML files -> one typed dataclass. Unknown keys and values of the wrong type are errors, caught before
+any model is loaded. `key=value` overrides from the command line use the same checks (dotted keys reach into
+the dict-valued fields: `terms.attention=0`, `deepspeed.zero_optimization.stage=2`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class Recipe:
+    """Every key a recipe may set; the YAML files in recipes/ document each one."""
+
+    recipe: str = "general"  # general | task | finetune
+    seed: int = 42
+    max_seq_length: int = 128
+    # Optimisation. batch_size is the global batch of one optimizer step; each micro-batch holds
+    # batch_size / (grad_accum * world_size) examples.
+    batch_size: int = 256
+    grad_accum: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-6
+    scheduler: str = "linear"  # any transformers.get_scheduler name: linear, constant, constant_with_warmup, cosine
+    warmup_ratio: float = 0.1
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 overrides epochs
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"  # bf16 (autocast) | fp32
+    # Distillation.
+    layer_map: typing.Union[str, list[int]] = "uniform"
+    terms: dict = field(default_factory=lambda: {"embedding": 1.0, "hidden": 1.0, "attention": 1.0})
+    attention_mode: str = "masked"  # masked | original
+    shared_projection: bool = False
+    prediction: str = "soft"  # soft | mse | mse_teacher | hard
+    temperature: float = 1.0
+    soft_mode: str = "original"  # original | batchmean
+    # Data.
+    heldout_fraction: float = 0.01
+    # Logging and checkpoints, in optimizer steps.
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    # Passed to deepspeed.initialize as its JSON config when present; the plain engine runs otherwise.
+    # A JSON file path is read (relative paths from the current directory, then from the bundled recipes/).
+    deepspeed: typing.Optional[typing.Union[dict, str]] = None
+
+    def __post_init__(self):
+        choices = {
+            "recipe": ("general", "task", "finetune"),
+            "precision": ("bf16", "fp32"),
+            "attention_mode": ("masked", "original"),
+            "prediction": ("soft", "mse", "mse_teacher", "hard"),
+            "soft_mode": ("original", "batchmean"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise RecipeError(f"recipe key {key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "eval_every", "save_every",
+                    "keep_checkpoints")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise RecipeError(f"recipe key {key} must be positive, got {getattr(self, key)}")
+        if self.batch_size % self.grad_accum:
+            raise RecipeError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if isinstance(self.layer_map, str) and self.layer_map != "uniform":
+            raise RecipeError(f"recipe key layer_map: give 'uniform' or a list like [0, 3, 6, 9, 12], "
+                              f"not {self.layer_map!r}")
+        for term, weight in self.terms.items():
+            if term not in ("embedding", "hidden", "attention", "prediction"):
+                raise RecipeError(f"recipe key terms.{term}: unknown loss term; use embedding, hidden, attention, "
+                                  f"prediction")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+                raise RecipeError(f"recipe key terms.{term}: weight must be a number, got {weight!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+def _check_type(key: str, value, annotation):
+    hint = typing.get_type_hints(Recipe)[key]
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = _matches(value, hint)
+    if not ok:
+        raise RecipeError(f"recipe key {key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+def _unknown(key: str) -> RecipeError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(FIELDS)}"
+    return RecipeError(f"unknown recipe key {key!r}{hint}")
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A bundled recipe by name (general, task, finetune) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return path
+    bundled = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        raise RecipeError(f"unknown recipe {name_or_path!r}; use one of {', '.join(names)} or a path to a YAML file")
+    return bundled
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not key=value (e.g. learning_rate=1e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set(data: dict, dotted: str, value):
+    top, *rest = dotted.split(".")
+    if top not in FIELDS:
+        raise _unknown(top)
+    if not rest:
+        data[top] = value
+        return
+    if top not in ("terms", "deepspeed"):
+        raise RecipeError(f"recipe key {top} is not a mapping; write {top}=VALUE")
+    if data.get(top) is None:  # start from the default mapping, so terms.attention=0 keeps the other terms
+        default = FIELDS[top].default_factory() if FIELDS[top].default_factory is not dataclasses.MISSING else None
+        data[top] = default or {}
+    node = data[top]
+    for part in rest[:-1]:
+        node = node.setdefault(part, {})
+    node[rest[-1]] = value
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = (), **values) -> Recipe:
+    """Read a recipe, apply `values` (from CLI options) and `key=value` overrides, and check every key."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must be a mapping of recipe keys")
+    return build_recipe(data, overrides, **values)
+
+
+def build_recipe(data: dict, overrides: list[str] = (), **values) -> Recipe:
+    data = copy.deepcopy(data)
+    for key in data:
+        if key not in FIELDS:
+            raise _unknown(key)
+    for key, value in values.items():
+        if value is not None:
+            _set(data, key, value)
+    for text in overrides:
+        _set(data, *parse_override(text))
+    for key, value in list(data.items()):
+        data[key] = _check_type(key, value, FIELDS[key].type)
+    if isinstance(data.get("deepspeed"), str):
+        data["deepspeed"] = _read_json(data["deepspeed"])
+    return Recipe(**data)
+
+
+def _read_json(name: str) -> dict:
+    path = Path(name) if Path(name).is_file() else RECIPE_DIR / name
+    if not path.is_file():
+        raise RecipeError(f"recipe key deepspeed: no JSON file {name} (looked in the current directory and in "
+                          f"{RECIPE_DIR})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"recipe key deepspeed: {path} is not valid JSON ({e})") from None

@@ -1,0 +1,441 @@
+"""The one training loop that general distillation, both task-distillation stages and fine-tuning share, with its
+engine seam (DeepSpeed when the recipe has a `deepspeed` block, a small plain engine otherwise), atomic
+checkpoints that resume exactly, and logging (progress bar, JSONL, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tinybert.recipe import Recipe
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad output directory); earlier checkpoints stay intact."""
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_deepspeed():
+    """Start torch.distributed for DeepSpeed. Launched by `deepspeed` or `torchrun` the environment is set; a
+    plain `python` run gets a one-process group on this machine."""
+    import deepspeed
+
+    # The shared-memory allreduce op compiles for ~37 s on first use and gloo does the job on CPU.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return deepspeed
+
+
+def barrier():
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+
+
+class PlainEngine:
+    """The engine seam without DeepSpeed, with the methods the loop calls on a DeepSpeedEngine: call, backward,
+    step (which only steps the optimizer at an accumulation boundary), save_checkpoint, load_checkpoint."""
+
+    def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.grad_accum, self.max_grad_norm = recipe.grad_accum, recipe.max_grad_norm
+        self.autocast = recipe.precision == "bf16"
+        self.device = device
+        self.micro_steps = 0
+        self.grad_norm = None
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+            return self.module(batch)
+
+    def backward(self, loss: Tensor):
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def step(self):
+        if self.is_gradient_accumulation_boundary():
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+            self.grad_norm = norm.item()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps += 1
+
+    def get_global_grad_norm(self):
+        return self.grad_norm
+
+    def save_checkpoint(self, directory: Path, client_state: dict):
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "micro_steps": self.micro_steps,
+            "client_state": client_state,
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(state, directory / "state.pt")
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps = state["micro_steps"]
+        return state["client_state"]
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize's engine behind the same seam; the recipe's `deepspeed` block is its config."""
+
+    def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
+        deepspeed = init_deepspeed()
+        _, world_size = world()
+        config = dict(recipe.deepspeed)
+        micro = recipe.batch_size // (recipe.grad_accum * world_size)
+        derived = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": recipe.grad_accum,
+            "train_batch_size": micro * recipe.grad_accum * world_size,
+            "gradient_clipping": recipe.max_grad_norm,
+            "bf16": {"enabled": recipe.precision == "bf16"},
+        }
+        for key, value in derived.items():
+            if key in config and config[key] != value:
+                raise TrainingError(
+                    f"deepspeed.{key} is {config[key]!r} but the recipe implies {value!r} "
+                    f"(from batch_size, grad_accum, max_grad_norm, precision); set it through those recipe keys"
+                )
+            config[key] = value
+        if config.get("fp16", {}).get("enabled") and device.type == "cpu":
+            raise TrainingError("deepspeed fp16 does not run on CPU; use precision=bf16")
+        # A torch optimizer, not one named in the config: DeepSpeed's own compile for about a minute on first use.
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.module = self.engine.module
+        self.device = device
+
+    def __call__(self, batch):
+        return self.engine(batch)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def is_gradient_accumulation_boundary(self):
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def step(self):
+        self.engine.step()
+
+    def get_global_grad_norm(self):
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def save_checkpoint(self, directory: Path, client_state: dict):
+        self.engine.save_checkpoint(str(directory), tag="deepspeed", client_state=client_state)
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag="deepspeed")
+        if path is None:
+            raise TrainingError(f"DeepSpeed could not load the checkpoint in {directory}")
+        return client_state
+
+
+def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: torch.device):
+    """AdamW (no weight decay on biases and LayerNorm), warmup then the recipe's schedule, wrapped in an engine."""
+    from transformers import get_scheduler
+
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.learning_rate, betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
+    )
+    scheduler = get_scheduler(recipe.scheduler, optimizer, num_warmup_steps=int(recipe.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    engine_cls = DeepSpeedEngine if recipe.deepspeed is not None else PlainEngine
+    return engine_cls(module, optimizer, scheduler, recipe, device)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp-` directory is a write that did not finish)."""
+    return sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(engine, output: Path, client_state: dict, keep: int) -> Path:
+    """Write into a temporary directory, then rename: a crash mid-write never leaves a half checkpoint."""
+    rank, _ = world()
+    step = client_state["step"]
+    final = output / "checkpoints" / f"step-{step:07d}"
+    tmp = output / "checkpoints" / f".tmp-step-{step:07d}"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    # Every rank's RNG differs; each keeps its own.
+    client_state = dict(client_state, rng=rng_state())
+    engine.save_checkpoint(tmp / f"rank{rank}" if isinstance(engine, PlainEngine) else tmp, client_state)
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(output)[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    rank, _ = world()
+    client_state = engine.load_checkpoint(path / f"rank{rank}" if isinstance(engine, PlainEngine) else path)
+    set_rng_state(client_state["rng"])
+    return client_state
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Stage:
+    """One optimisation run of the loop: a module that returns loss terms, weighted and summed here."""
+
+    name: str
+    module: nn.Module  # batch -> {term: scalar}; its trainable parameters are what the engine optimises
+    weights: dict[str, float]
+    dataset: object  # rows indexable by a list of ints (a datasets.Dataset)
+    plan: Callable[[int], list[list[int]]]  # epoch -> micro-batches (lists of row indices), deterministic
+    collate: Callable[[list[dict]], dict[str, Tensor]]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # held-out metrics, called on the module
+    on_eval: Callable[[int, dict[str, float]], None] | None = None  # e.g. keep the best checkpoint
+
+
+class RunLog:
+    """JSONL (one line per optimizer step and per evaluation) and TensorBoard scalars, written by rank 0."""
+
+    def __init__(self, output: Path, stage: str, resume_step: int | None):
+        self.rank = world()[0]
+        self.stage = stage
+        self.path = output / "log.jsonl"
+        self.tb = None
+        if self.rank != 0:
+            return
+        if resume_step is not None and self.path.exists():
+            # Steps after the checkpoint are run again: drop what the interrupted run logged for them.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if not _after(json.loads(line), stage, resume_step)]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output / "tensorboard" / stage))
+        except ImportError:  # tensorboard is a dependency; a stripped environment still trains
+            self.tb = None
+
+    def write(self, record: dict):
+        if self.rank != 0:
+            return
+        record = {"stage": self.stage, **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = "eval/" if record.get("kind") == "eval" else "train/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(prefix + key, value, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _after(record: dict, stage: str, step: int) -> bool:
+    return record.get("stage") == stage and record.get("step", 0) > step
+
+
+def micro_batches_per_epoch(stage: Stage, recipe: Recipe) -> int:
+    """Micro-batches each rank runs in one epoch: whole optimizer steps only, the same count on every rank."""
+    _, world_size = world()
+    per_step = recipe.grad_accum * world_size
+    return (len(stage.plan(0)) // per_step) * recipe.grad_accum
+
+
+def total_steps(stage: Stage, recipe: Recipe) -> int:
+    steps_per_epoch = micro_batches_per_epoch(stage, recipe) // recipe.grad_accum
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"stage {stage.name}: the data gives less than one optimizer step per epoch; lower batch_size "
+            f"({recipe.batch_size}) or give more data"
+        )
+    return recipe.max_steps if recipe.max_steps > 0 else math.ceil(recipe.epochs * steps_per_epoch)
+
+
+def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, resume: dict | None = None,
+          extra_state: dict | None = None, progress: bool = True) -> int:
+    """Run `stage` for `steps` optimizer steps, or on from `resume` (a checkpoint's client state).
+
+    Data order: epoch e's micro-batches come from stage.plan(e); rank r takes every world_size-th one.
+    A checkpoint records (epoch, micro-batch) so a resumed run sees exactly the batches it had not seen.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world_size = world()
+    device = engine.device
+    per_epoch = micro_batches_per_epoch(stage, recipe)
+    step = resume["step"] if resume else 0
+    epoch, position = (resume["epoch"], resume["position"]) if resume else (0, 0)
+    log = RunLog(output, stage.name, step if resume else None)
+    bar = tqdm(total=steps, initial=step, desc=stage.name, disable=not progress or rank != 0, dynamic_ncols=True)
+    engine.module.train()
+    tokens, started, window = 0, time.perf_counter(), {}
+
+    def client_state():
+        return {"stage": stage.name, "step": step, "epoch": epoch, "position": position,
+                "recipe": recipe.to_dict(), **(extra_state or {})}
+
+    while step < steps:
+        plan = stage.plan(epoch)[: per_epoch * world_size]
+        mine = plan[rank::world_size]
+        while position < len(mine) and step < steps:
+            rows = stage.dataset[mine[position]]
+            batch = stage.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            terms = engine(batch)
+            loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
+            if not torch.isfinite(loss):
+                last = checkpoints(output)
+                raise TrainingError(
+                    f"stage {stage.name}: loss is {loss.item()} at step {step + 1} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+                    f"{'the last checkpoint ' + last[-1].name + ' is intact' if last else 'no checkpoint was written'}"
+                    f"; lower learning_rate or use precision=fp32"
+                )
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            engine.step()
+            position += 1
+            tokens += int(batch["attention_mask"].sum()) * world_size
+            for name, value in terms.items():
+                window[name] = window.get(name, 0.0) + value.item() / recipe.grad_accum
+            if not boundary:
+                continue
+            step += 1
+            elapsed = time.perf_counter() - started
+            record = {"kind": "train", "step": step, "epoch": epoch, "loss": sum(
+                stage.weights.get(k, 1.0) * v for k, v in window.items()), **window,
+                "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": engine.get_global_grad_norm(),
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
+            log.write(record)
+            if step % recipe.log_every == 0 or step == steps:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in window.items()} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+            bar.update(1)
+            window = {}
+            epoch_done = position == len(mine)
+            if epoch_done:  # the checkpoint below then points at the start of the next epoch
+                epoch, position = epoch + 1, 0
+            if stage.evaluate is not None and (step % recipe.eval_every == 0 or step == steps):
+                metrics = stage.evaluate(engine.module)
+                engine.module.train()
+                log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
+                if rank == 0:
+                    bar.write(f"[{stage.name}] step {step} eval: "
+                              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                if stage.on_eval is not None:
+                    stage.on_eval(step, metrics)
+            if step % recipe.save_every == 0 or step == steps:
+                save_checkpoint(engine, output, client_state(), recipe.keep_checkpoints)
+            if epoch_done:
+                break
+    bar.close()
+    log.close()
+    return step
+
+
+@torch.no_grad()
+def average_terms(module: nn.Module, dataset, batches: list[list[int]], collate, device, precision: str,
+                  weights: dict[str, float]) -> dict[str, float]:
+    """Held-out loss terms, averaged over examples, with the module in eval mode."""
+    module.eval()
+    sums, count = {}, 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    for indices in batches:
+        rows = dataset[indices]
+        batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            terms = module(batch)
+        n = len(indices)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * n
+        count += n
+    means = {name: total / max(count, 1) for name, total in sums.items()}
+    means["loss"] = sum(weights.get(k, 1.0) * v for k, v in means.items())
+    return means
