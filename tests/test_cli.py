@@ -61,7 +61,7 @@ def test_repo_root_cli_py_and_console_script_show_help():
     by_script = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True)
     assert by_script.returncode == 0, by_script.stderr
     for out in (by_file.stdout, by_script.stdout):
-        assert "Usage:" in out and re.search(r"^│ info ", out, re.M) and re.search(r"^│ init ", out, re.M), out
+        assert "Usage:" in out and re.search(r"^[│ ]*info ", out, re.M) and re.search(r"^[│ ]*init ", out, re.M), out
 
 
 # ---------------------------------------------------------------------------------------------------- info

@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # one line, like every other error
+        command = f"tinybert {e.ctx.command_path.split(' ', 1)[1]}" if e.ctx and " " in e.ctx.command_path else "tinybert"
+        typer.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -268,8 +268,14 @@ def save_model(model: Bert, directory: str | os.PathLike, tokenizer=None, *, ext
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        umask = os.umask(0)
+        os.umask(umask)
         for path in tmp.iterdir():
-            os.replace(path, directory / path.name) if path.is_file() else shutil.move(path, directory / path.name)
+            if path.is_file():  # safetensors writes 0600; an exported model is for others to read
+                os.chmod(path, 0o666 & ~umask)
+                os.replace(path, directory / path.name)
+            else:
+                shutil.move(path, directory / path.name)
     return directory
 
 
