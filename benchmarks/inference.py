@@ -31,6 +31,7 @@ from tinybert.model import PRESETS, Bert, BertConfig
 SEQ_LEN = 128
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 32
+SHAPES = ("bert-base", "tinybert-6l-768d", "tinybert-4l-312d")
 IMPLS = ("ours", "transformers")
 # Both implementations must compute the same function before their speeds are compared. fp32: both run the same
 # float ops in different kernels; bf16: both round at the same places (autocast), but a different summation order
@@ -48,20 +49,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: the cores this process may use, %(default)s here)")
     p.add_argument("--json", type=Path, default=None,
                    help="where to write results (default benchmarks/results/inference-<device>.json, one per device)")
-    p.add_argument("--shapes", nargs="+", default=list(PRESETS), choices=list(PRESETS), metavar="SHAPE",
-                   help=f"presets to time (default: all of {', '.join(PRESETS)})")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(PRESETS), metavar="SHAPE",
+                   help=f"presets to time (default: {' '.join(SHAPES)})")
     p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"],
                    help="comma-separated, from fp32,bf16 (default both)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed batch-1 forwards per model (default 10, quick 2); batch 32 gets a fifth, at least 1")
+                   help="untimed batch-1 forwards per model and precision (default 10, quick 2); batch 32 gets a fifth")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed batch-1 forwards per model (default 100, quick 10); batch 32 gets a tenth, at least 2")
+                   help="timed batch-1 forwards per model and precision (default 50, quick 5); batch 32 gets a "
+                        "tenth, at least 1")
     args = p.parse_args(argv)
     for precision in args.precisions:
         if precision not in DTYPES:
             p.error(f"unknown precision {precision!r}; choose from {','.join(DTYPES)}")
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
-    args.repeats = args.repeats if args.repeats is not None else (10 if args.quick else 100)
+    args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 50)
+    # A batch-32 forward of bert-base takes seconds on 2 cores: a tenth of the repeats keeps the full run in minutes.
+    args.throughput_warmup, args.throughput_repeats = args.warmup // 5, max(1, args.repeats // 10)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch sees no CUDA device")
     return args
@@ -118,21 +122,25 @@ def check_parity(models, config, device, precision) -> float:
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def time_interleaved(models, inputs, device, precision, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per forward for each model. The implementations alternate forward by forward (and swap order each
-    round), so a change in machine load (other processes on a shared host) hits both alike and the ratio holds."""
+def time_interleaved(models, inputs, device, precisions, warmup: int, repeats: int) -> dict[tuple, list[float]]:
+    """Seconds per forward for each (impl, precision). All of them take turns forward by forward (the order reversed
+    every other round), so a change in machine load (other processes on a shared host) hits each alike and the
+    ours/transformers and bf16/fp32 ratios hold. Shapes run one after another: interleaving them too would evict a
+    small model's weights from the last-level cache between its forwards, which a real server would not do."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {impl: [] for impl in models}
-    order = list(models)
-    with torch.inference_mode(), autocast(device, precision):
+    order = [(impl, precision) for precision in precisions for impl in models]
+    times = {key: [] for key in order}
+    with torch.inference_mode():
         for i in range(warmup + repeats):
-            for impl in order if i % 2 == 0 else order[::-1]:
-                sync()
-                start = time.perf_counter()
-                models[impl](**inputs)
-                sync()
+            for impl, precision in order if i % 2 == 0 else order[::-1]:
+                with autocast(device, precision):  # entered per forward, as a caller would; weights recast each time
+                    sync()
+                    start = time.perf_counter()
+                    models[impl](**inputs)
+                    sync()
+                    elapsed = time.perf_counter() - start
                 if i >= warmup:
-                    times[impl].append(time.perf_counter() - start)
+                    times[impl, precision].append(elapsed)
     return times
 
 
@@ -154,26 +162,28 @@ def bench_device(device: str, args) -> dict:
             diff = check_parity(models, config, device, precision)
             parity.append({"shape": shape, "precision": precision, "max_abs_diff": diff,
                            "tolerance": TOLERANCE[precision]})
-            latency = time_interleaved(models, make_inputs(config, LATENCY_BATCH, device), device, precision,
-                                       args.warmup, args.repeats)
-            throughput = time_interleaved(models, make_inputs(config, THROUGHPUT_BATCH, device), device, precision,
-                                          max(1, args.warmup // 5), max(2, args.repeats // 10))
+        latency = time_interleaved(models, make_inputs(config, LATENCY_BATCH, device), device, args.precisions,
+                                   args.warmup, args.repeats)
+        throughput = time_interleaved(models, make_inputs(config, THROUGHPUT_BATCH, device), device, args.precisions,
+                                      args.throughput_warmup, args.throughput_repeats)
+        for precision in args.precisions:
             for impl in models:
+                lat, thr = latency[impl, precision], throughput[impl, precision]
                 row = {
                     "device": device, "shape": shape, "precision": precision, "impl": impl,
-                    "attn_implementation": "sdpa (ours: fused SDPA, no scores asked)" if impl == "ours" else attn_impl,
+                    # ours runs F.scaled_dot_product_attention in every layer when no scores are asked for
+                    "attn_implementation": "sdpa" if impl == "ours" else attn_impl,
                     "params_m": round(params[impl], 2),
-                    "latency_p50_ms": percentile(latency[impl], 50) * 1e3,
-                    "latency_p95_ms": percentile(latency[impl], 95) * 1e3,
-                    "latency_n": len(latency[impl]),
+                    "latency_p50_ms": percentile(lat, 50) * 1e3,
+                    "latency_p95_ms": percentile(lat, 95) * 1e3,
+                    "latency_s": lat,
                     # median time per batch: robust to the odd slow forward on a shared machine
-                    "throughput_seq_s": THROUGHPUT_BATCH / statistics.median(throughput[impl]),
-                    "throughput_batch_s": throughput[impl],
+                    "throughput_seq_s": THROUGHPUT_BATCH / statistics.median(thr),
+                    "throughput_batch_s": thr,
                 }
                 rows.append(row)
                 print(f"  {device} {shape:17s} {precision} {impl:12s} b1 p50 {row['latency_p50_ms']:8.2f} ms  "
-                      f"p95 {row['latency_p95_ms']:8.2f} ms   b32 {row['throughput_seq_s']:8.1f} seq/s"
-                      f"   (parity {diff:.1e})", flush=True)
+                      f"p95 {row['latency_p95_ms']:8.2f} ms   b32 {row['throughput_seq_s']:8.1f} seq/s", flush=True)
         del models
     return {"rows": rows, "parity": parity, "derived": derive(rows)}
 
@@ -182,28 +192,32 @@ def bench_device(device: str, args) -> dict:
 
 
 def derive(rows: list[dict]) -> list[dict]:
-    """Speed ratios (> 1 = the first named is faster): b1 from p50 latency, b32 from throughput."""
+    """Speed ratios, > 1 when the first named is faster: b1 from p50 latency, b32 from throughput."""
     at = {(r["device"], r["shape"], r["precision"], r["impl"]): r for r in rows}
-
-    def ratio(fast, slow):
-        a, b = at.get(fast), at.get(slow)
-        if a is None or b is None:
-            return None
-        return {"b1": b["latency_p50_ms"] / a["latency_p50_ms"], "b32": a["throughput_seq_s"] / b["throughput_seq_s"]}
-
+    keys = lambda i: list(dict.fromkeys(k[i] for k in at))  # noqa: E731  (in the order they ran)
+    devices, shapes, precisions, impls = keys(0), keys(1), keys(2), keys(3)
     derived = []
-    for device, shape, precision, impl in at:
-        if impl == "ours":
-            derived.append({"what": "ours / transformers", "device": device, "shape": shape, "precision": precision,
-                            "impl": "-", **(ratio((device, shape, precision, "ours"),
-                                                  (device, shape, precision, "transformers")) or {})})
-        if precision == "bf16" and (r := ratio((device, shape, "bf16", impl), (device, shape, "fp32", impl))):
-            derived.append({"what": "bf16 / fp32", "device": device, "shape": shape, "precision": "-",
-                            "impl": impl, **r})
-        if shape != "bert-base" and (r := ratio((device, shape, precision, impl),
-                                                (device, "bert-base", precision, impl))):
-            derived.append({"what": f"{shape} / bert-base", "device": device, "shape": shape,
-                            "precision": precision, "impl": impl, **r})
+
+    def add(what, fast, slow, **where):
+        a, b = at.get(fast), at.get(slow)
+        if a is not None and b is not None:
+            derived.append({"what": what, **where, "b1": b["latency_p50_ms"] / a["latency_p50_ms"],
+                            "b32": a["throughput_seq_s"] / b["throughput_seq_s"]})
+
+    for d in devices:
+        for s in shapes:
+            for p in precisions:
+                add("ours / transformers", (d, s, p, "ours"), (d, s, p, "transformers"),
+                    device=d, shape=s, precision=p, impl="-")
+        for s in shapes:
+            for i in impls:
+                add("bf16 / fp32", (d, s, "bf16", i), (d, s, "fp32", i), device=d, shape=s, precision="-", impl=i)
+        for s in shapes:
+            for p in precisions:
+                for i in impls:
+                    if s != "bert-base":
+                        add(f"{s} / bert-base", (d, s, p, i), (d, "bert-base", p, i),
+                            device=d, shape=s, precision=p, impl=i)
     return derived
 
 
@@ -220,14 +234,14 @@ def print_tables(rows: list[dict], derived: list[dict]):
     _print_table(header, lines)
     print()
     others = [d for d in derived if d["what"] != "ours / transformers"]
-    _print_table(("speed-up", "device", "precision", "impl", "b1 (p50 latency)", "b32 (throughput)"),
-                 [(d["what"], d["device"], d["precision"], d["impl"], f"{d['b1']:.2f}x", f"{d['b32']:.2f}x")
-                  for d in others])
+    _print_table(("speed-up", "device", "shape", "precision", "impl", "b1 (p50 latency)", "b32 (throughput)"),
+                 [(d["what"], d["device"], d["shape"] if d["what"] == "bf16 / fp32" else "", d["precision"],
+                   d["impl"], f"{d['b1']:.2f}x", f"{d['b32']:.2f}x") for d in others], first_numeric=5)
 
 
-def _print_table(header, lines):
+def _print_table(header, lines, first_numeric=4):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w)  # noqa: E731
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i >= first_numeric else str(c).ljust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     print(fmt(header))
     print("  ".join("-" * w for w in widths))
@@ -270,8 +284,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     devices = {"all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}.get(args.device, [args.device])
     settings = {"seq_len": SEQ_LEN, "latency_batch": LATENCY_BATCH, "throughput_batch": THROUGHPUT_BATCH,
-                "warmup": args.warmup, "repeats": args.repeats, "throughput_warmup": max(1, args.warmup // 5),
-                "throughput_repeats": max(2, args.repeats // 10), "quick": args.quick,
+                "warmup": args.warmup, "repeats": args.repeats, "throughput_warmup": args.throughput_warmup,
+                "throughput_repeats": args.throughput_repeats, "quick": args.quick,
                 "bf16": "torch.autocast(device, dtype=torch.bfloat16) around fp32 weights"}
     results = {}
     for device in devices:

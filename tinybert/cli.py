@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
+
+try:  # recent typer vendors its own click, whose exceptions are the ones raised
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - typer on the real click
+    from click import exceptions as click_errors
 
 import tinybert
 
@@ -94,20 +98,20 @@ def init(
     _check_output(output, overwrite)
     if from_teacher is not None:
         if preset is not None:
-            raise click.UsageError("give either --preset or --from-teacher, not both")
+            raise click_errors.UsageError("give either --preset or --from-teacher, not both")
         if not layers:
-            raise click.UsageError("--from-teacher needs --layers, e.g. --layers 2,4,6")
+            raise click_errors.UsageError("--from-teacher needs --layers, e.g. --layers 2,4,6")
         try:
             chosen = [int(x) for x in layers.split(",")]
         except ValueError:
-            raise click.UsageError(f"--layers {layers!r}: give comma-separated integers, e.g. 2,4,6") from None
+            raise click_errors.UsageError(f"--layers {layers!r}: give comma-separated integers, e.g. 2,4,6") from None
         teacher = load_model(from_teacher)
         student = init_from_teacher(teacher, chosen)
         tok = load_tokenizer(tokenizer or from_teacher, vocab_size=student.config.vocab_size)
         what = f"layers {chosen} of {from_teacher}"
     else:
         if preset is None or tokenizer is None:
-            raise click.UsageError("give --preset and --tokenizer (or --from-teacher DIR --layers ...)")
+            raise click_errors.UsageError("give --preset and --tokenizer (or --from-teacher DIR --layers ...)")
         config = BertConfig.preset(preset)
         tok = load_tokenizer(tokenizer)
         config = config.replace(vocab_size=len(tok), pad_token_id=tok.pad_token_id or 0)
@@ -139,11 +143,11 @@ def distill(
         from tinybert.general import run_general
 
         if not corpus:
-            raise click.UsageError("general distillation needs --corpus PATH [--corpus PATH ...]")
+            raise click_errors.UsageError("general distillation needs --corpus PATH [--corpus PATH ...]")
         run_general(loaded, teacher=str(teacher), corpus=corpus, output=output, student=student, resume=resume,
                     overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
     else:
-        raise click.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; distill runs general recipes")
+        raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; distill runs general recipes")
 
 
 # Errors a user can cause; anything else is a bug and keeps its traceback.
@@ -153,18 +157,20 @@ USER_ERRORS = (ValueError, OSError)
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.UsageError as e:  # one line, like every other error
-        command = f"tinybert {e.ctx.command_path.split(' ', 1)[1]}" if e.ctx and " " in e.ctx.command_path else "tinybert"
-        typer.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except click_errors.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
+    except click_errors.UsageError as e:  # one line, like every other error
+        path = e.ctx.command_path if e.ctx else "tinybert"
+        typer.echo(f"error: {e.format_message()} (see {path} --help)", err=True)
+        sys.exit(2)
+    except click_errors.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
     except Exception as e:
         from tinybert.train import TrainingError
 
