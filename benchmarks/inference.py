@@ -287,6 +287,11 @@ def main(argv=None):
                 "warmup": args.warmup, "repeats": args.repeats, "throughput_warmup": args.throughput_warmup,
                 "throughput_repeats": args.throughput_repeats, "quick": args.quick,
                 "bf16": "torch.autocast(device, dtype=torch.bfloat16) around fp32 weights"}
+    if "cpu" in devices and os.getloadavg()[0] > 0.5:
+        # Each op is an OpenMP parallel region: when another process holds one of the cores, every op waits for a
+        # descheduled thread, and a 5 ms forward can take 500 ms. The numbers are then the machine's, not the model's.
+        print(f"warning: load average {os.getloadavg()[0]:.2f} before starting; other processes share these cores, "
+              f"so CPU timings will be slow and noisy (the JSON records the load)", flush=True)
     results = {}
     for device in devices:
         print(f"{device}: {', '.join(args.shapes)} x {', '.join(args.precisions)} x {', '.join(IMPLS)}, "

@@ -123,6 +123,27 @@ def init(
     typer.echo(f"wrote {output}: {what}, {n / 1e6:.1f}M parameters")
 
 
+# Where a task's rows come from; shared by finetune, distill --recipe task and eval.
+TASK_OPTION = typer.Option(None, help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli.")
+DATA_DIR_OPTION = typer.Option(None, help="Folder holding the GLUE task folders (SST-2/, ...); default: the hub.")
+TRAIN_OPTION = typer.Option(None, help="Custom task: train file (CSV, TSV, JSON or JSONL) instead of --task.")
+VALIDATION_OPTION = typer.Option(None, help="Custom task: dev file, scored every epoch.")
+TEXT_COLUMNS_OPTION = typer.Option(None, help="Custom task: one or two text columns, e.g. question,answer.")
+LABEL_COLUMN_OPTION = typer.Option("label", help="Custom task: the label column.")
+
+
+def _task_data(task, data_dir, train, validation, text_columns, label_column, augmented=None):
+    from tinybert.task import TaskData
+
+    if (task is None) == (train is None):
+        raise click_errors.UsageError("give --task NAME (GLUE) or --train FILE --validation FILE --text-columns ... "
+                                      "(your own task), not both")
+    columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
+    return TaskData(task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
+                    validation=str(validation) if validation else None, text_columns=columns,
+                    label_column=label_column, augmented=str(augmented) if augmented else None)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def distill(
     ctx: typer.Context,
@@ -131,15 +152,32 @@ def distill(
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: checkpoints, logs, the exported student."),
     corpus: Optional[list[str]] = typer.Option(None, help="General: text files, folders, or a datasets hub id."),
     student: Optional[str] = typer.Option(None, help="Student preset or directory (default tinybert-4l-312d)."),
+    task: Optional[str] = TASK_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    augmented: Optional[Path] = typer.Option(None, help="Task: a TSV/CSV/JSONL with the task's columns, used "
+                                                        "instead of the train split in both stages."),
+    train: Optional[Path] = TRAIN_OPTION,
+    validation: Optional[Path] = VALIDATION_OPTION,
+    text_columns: Optional[str] = TEXT_COLUMNS_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
     resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --output."),
     dry_run: bool = typer.Option(False, help="Print the recipe, models, layer map and data size, then exit."),
 ):
-    """Distil a teacher into a student. Extra KEY=VALUE arguments override recipe keys (learning_rate=1e-4)."""
+    """Distil a teacher into a student. Extra KEY=VALUE arguments override recipe keys (learning_rate=1e-4;
+    stage1.epochs=1 for one stage of a task recipe)."""
     from tinybert.recipe import load_recipe
 
     loaded = load_recipe(recipe, ctx.args)
-    if loaded.recipe == "general":
+    if loaded.recipe == "task":
+        from tinybert.task import run_task
+
+        if student is None:
+            raise click_errors.UsageError("task distillation needs --student DIR (usually a general-distilled one)")
+        data = _task_data(task, data_dir, train, validation, text_columns, label_column, augmented)
+        run_task(loaded, data, teacher=str(teacher), student=student, output=output, resume=resume,
+                 overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+    elif loaded.recipe == "general":
         from tinybert.general import run_general
 
         if not corpus:
@@ -147,7 +185,115 @@ def distill(
         run_general(loaded, teacher=str(teacher), corpus=corpus, output=output, student=student, resume=resume,
                     overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
     else:
-        raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; distill runs general recipes")
+        raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; distill runs general and "
+                                      f"task recipes (fine-tuning: tinybert finetune)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def finetune(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model directory (any HF BERT checkpoint) or a preset."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory: checkpoints, logs, best/, last/."),
+    task: Optional[str] = TASK_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    train: Optional[Path] = TRAIN_OPTION,
+    validation: Optional[Path] = VALIDATION_OPTION,
+    text_columns: Optional[str] = TEXT_COLUMNS_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: --model's)."),
+    recipe: str = typer.Option("finetune", help="finetune, or a path to a recipe YAML."),
+    resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace a run already in --output."),
+    dry_run: bool = typer.Option(False, help="Print the settings and the schedule, then exit."),
+):
+    """Fine-tune a model on a task's gold labels, evaluating every epoch; writes best/, last/ and metrics.json.
+    A head is added when the model has none. Extra KEY=VALUE arguments override recipe keys (epochs=2)."""
+    from tinybert.recipe import load_recipe
+    from tinybert.task import run_finetune
+
+    loaded = load_recipe(recipe, ctx.args)
+    if loaded.recipe != "finetune":
+        raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; finetune runs finetune "
+                                      f"recipes")
+    data = _task_data(task, data_dir, train, validation, text_columns, label_column)
+    run_finetune(loaded, data, model=model, output=output, tokenizer=str(tokenizer) if tokenizer else None,
+                 resume=resume, overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
+
+
+@app.command("eval")
+def evaluate(
+    model: Path = typer.Argument(..., help="A model directory with a head for the task (e.g. RUN/best)."),
+    task: Optional[str] = TASK_OPTION,
+    split: str = typer.Option("dev", help="dev: score the dev set(s); test: write GLUE submission files."),
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    train: Optional[Path] = typer.Option(None, help="Custom task: its train file (it defines the label set)."),
+    validation: Optional[Path] = VALIDATION_OPTION,
+    text_columns: Optional[str] = TEXT_COLUMNS_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here ('-': print them "
+                                                                 "instead of the table)."),
+    predictions: Optional[Path] = typer.Option(None, help="Write every prediction to this TSV (split, idx, "
+                                                          "prediction, label)."),
+    submission_dir: Path = typer.Option(Path("submission"), help="--split test: folder for SST-2.tsv, MNLI-m.tsv..."),
+    max_seq_length: Optional[int] = typer.Option(None, help="Default: the task's (64 single sentence, 128 pairs)."),
+    max_examples: int = typer.Option(0, help="> 0: only the first N rows of each split (a quick check)."),
+    batch_size: int = typer.Option(64, help="Sequences per forward pass."),
+):
+    """Score a fine-tuned model on a task's dev set (metrics table), or write GLUE submission files for its test set."""
+    import json
+
+    from tinybert.task import format_results, run_eval
+
+    data = _task_data(task, data_dir, train, validation, text_columns, label_column)
+    report = run_eval(data, str(model), split=split, max_seq_length=max_seq_length, batch_size=batch_size,
+                      max_examples=max_examples, predictions=predictions, submission_dir=submission_dir)
+    if json_path == "-":
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(format_results(report))
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"results written to {json_path}")
+    if split == "test":
+        for result in report["results"].values():
+            typer.echo(f"submission file: {result['submission']}")
+
+
+@app.command()
+def push(
+    model_dir: Path = typer.Argument(..., help="The exported model directory (e.g. RUN/student)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME of the Hub repository (created if missing)."),
+    private: bool = typer.Option(False, help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to push to (created if missing; default main)."),
+    commit_message: Optional[str] = typer.Option(None, help="Commit message."),
+    endpoint: Optional[str] = typer.Option(None, help="Hub URL (default: HF_ENDPOINT, else huggingface.co)."),
+    run_dir: Optional[list[Path]] = typer.Option(None, help="Run directories that made the model, in order, for "
+                                                            "the card (default: the run holding MODEL_DIR)."),
+    results: Optional[Path] = typer.Option(None, help="JSON file of evaluation results for the card."),
+    bench: Optional[Path] = typer.Option(None, help="JSON file from the bench command: latency, speed-up."),
+    base_model: Optional[str] = typer.Option(None, help="Hub id of the teacher, when it was a local directory."),
+    license: str = typer.Option("apache-2.0", help="License id for the card."),
+):
+    """Upload a model with a model card built from its runs. The token comes from HF_TOKEN or `hf auth login`."""
+    from tinybert.publish import push as push_model
+
+    url = push_model(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
+                     endpoint=endpoint, run_dirs=run_dir or None, results=results, bench=bench,
+                     base_model=base_model, license=license)
+    typer.echo(f"pushed {model_dir} to {repo_id}" + (f" (branch {revision})" if revision else "") + f": {url}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory holding log.jsonl."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the plots and report.md (default RUN_DIR/report)."),
+):
+    """Plot every loss term, the learning rate and every evaluation metric, with a Markdown summary."""
+    from tinybert.report import write_report
+
+    path = write_report(run_dir, out)
+    typer.echo(f"wrote {path} and {len(list(path.parent.glob('*.png')))} plots")
 
 
 # Errors a user can cause; anything else is a bug and keeps its traceback.

@@ -361,6 +361,38 @@ def load_custom(
     return datasets.DatasetDict(out), task
 
 
+def load_split_file(
+    path: str | os.PathLike, task: Task, split: str = "train", label_column: str = "label"
+) -> datasets.Dataset:
+    """One labelled split of `task` from a file, e.g. an augmented train set; the same columns as load_task's.
+
+    A .tsv for a GLUE task is read in the task's GLUE layout (as GLUE's train.tsv, and TinyBERT's
+    data_augmentation.py writing train_aug.tsv, have it). Anything else is CSV/TSV/JSON/JSONL with the task's text
+    columns (`task.text_columns`: sentence, or sentence1 and sentence2, ...) and `label_column`, which holds label
+    names or (GLUE tasks) class ids, or scores for a regression task.
+    """
+    path = Path(path)
+    if task.glue_dir and path.suffix.lower() == ".tsv":
+        if not path.is_file():
+            raise DataError(f"missing file {path}")
+        return _to_dataset(_read_glue_tsv(path, task, labelled=True), task, split)
+    texts, labels, where = _read_records(path, [*task.text_columns, label_column])
+    if labels is None:
+        raise DataError(f"{path}: no label column {label_column!r}; its rows need the task's labels")
+    if task.is_regression:
+        ids = [_parse_float(v, w) for v, w in zip(labels, where)]
+    else:
+        label_ids = {n: i for i, n in enumerate(task.label_names)}
+        if task.glue_dir:  # GLUE files hold ids (sst2, cola, ...) or names (rte, mnli, qnli): accept both
+            label_ids.update({str(i): i for i in range(task.num_labels)})
+        ids = []
+        for v, w in zip(labels, where):
+            if str(v) not in label_ids:
+                raise DataError(f"{w}: label {v!r} is not one of {', '.join(label_ids)}")
+            ids.append(label_ids[str(v)])
+    return _to_dataset(_columns(texts, ids), task, split)
+
+
 def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, list[str]]:
     """Read text columns (all required) and the label column (optional) of one custom file; checks every record.
 

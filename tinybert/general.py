@@ -3,6 +3,7 @@ embedding, hidden-state and attention losses, on the shared loop of train.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from tinybert.train import (
     build_engine,
     checkpoints,
     default_device,
+    resolve_precision,
     init_deepspeed,
     load_checkpoint,
     seed_everything,
@@ -99,6 +101,8 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
                 echo=print) -> Path | None:
     """Distil `teacher` into `student` on `corpus`; returns the exported student directory (None on a dry run)."""
     output = Path(output)
+    device = default_device()
+    recipe = dataclasses.replace(recipe, precision=resolve_precision(recipe.precision, device))
     checkpoint = None if dry_run else prepare_output(output, resume=resume, overwrite=overwrite)
     if recipe.deepspeed is not None and not dry_run:
         init_deepspeed()
@@ -126,7 +130,6 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
     heldout = data["heldout"]
     heldout_batches = [list(range(i, min(i + micro, len(heldout)))) for i in range(0, len(heldout), micro)]
-    device = default_device()
     stage = Stage(
         name="general", module=distiller, weights=terms, dataset=data["train"], plan=plan, collate=pad,
         evaluate=(lambda module: average_terms(module, heldout, heldout_batches, pad, device, recipe.precision,

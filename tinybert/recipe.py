@@ -1,6 +1,12 @@
 """Recipes: YAML files -> one typed dataclass. Unknown keys and values of the wrong type are errors, caught before
 any model is loaded. `key=value` overrides from the command line use the same checks (dotted keys reach into
-the dict-valued fields: `terms.attention=0`, `deepspeed.zero_optimization.stage=2`)."""
+the dict-valued fields: `terms.attention=0`, `deepspeed.zero_optimization.stage=2`).
+
+Task distillation runs two stages; `stage1` and `stage2` hold the keys each stage sets differently, and a stage runs
+with the top-level keys replaced by its own (`Recipe.stage`). `stage1.epochs=1` overrides one stage; an override
+without a stage prefix (`epochs=1`) sets the key for every stage, i.e. it also removes the key from both stages.
+`null` for max_seq_length and epochs means the task decides: 64 or 128 tokens, and `task_epochs` (the paper's
+per-task epochs)."""
 
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ class Recipe:
 
     recipe: str = "general"  # general | task | finetune
     seed: int = 42
-    max_seq_length: int = 128
+    max_seq_length: typing.Optional[int] = 128  # null: the task's (paper: 64 single sentence, 128 pairs)
     # Optimisation. batch_size is the global batch of one optimizer step; each micro-batch holds
     # batch_size / (grad_accum * world_size) examples.
     batch_size: int = 256
@@ -38,10 +44,12 @@ class Recipe:
     adam_eps: float = 1e-6
     scheduler: str = "linear"  # any transformers.get_scheduler name: linear, constant, constant_with_warmup, cosine
     warmup_ratio: float = 0.1
-    epochs: float = 3.0
+    epochs: typing.Optional[float] = 3.0  # null: task_epochs[task], else task_epochs["default"]
+    task_epochs: dict = field(default_factory=dict)  # task name (or "default") -> epochs, used when epochs is null
     max_steps: int = 0  # > 0 overrides epochs
     max_grad_norm: float = 1.0
-    precision: str = "bf16"  # bf16 (autocast) | fp32
+    # auto = bf16 where it is the fast path (CUDA with bf16, CPUs with AMX), fp32 elsewhere; bf16 = autocast.
+    precision: str = "auto"
     # Distillation.
     layer_map: typing.Union[str, list[int]] = "uniform"
     terms: dict = field(default_factory=lambda: {"embedding": 1.0, "hidden": 1.0, "attention": 1.0})
@@ -52,7 +60,9 @@ class Recipe:
     soft_mode: str = "original"  # original | batchmean
     # Data.
     heldout_fraction: float = 0.01
-    # Logging and checkpoints, in optimizer steps.
+    max_train_examples: int = 0  # tasks: > 0 keeps the first N training rows (quick runs); 0 = all
+    max_eval_examples: int = 0  # tasks: > 0 keeps the first N rows of each evaluation split; 0 = all
+    # Logging and checkpoints, in optimizer steps; 0 = at the end of every epoch.
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 500
@@ -60,11 +70,14 @@ class Recipe:
     # Passed to deepspeed.initialize as its JSON config when present; the plain engine runs otherwise.
     # A JSON file path is read (relative paths from the current directory, then from the bundled recipes/).
     deepspeed: typing.Optional[typing.Union[dict, str]] = None
+    # Task distillation: the keys each stage sets differently (any key above except recipe and deepspeed).
+    stage1: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
 
     def __post_init__(self):
         choices = {
             "recipe": ("general", "task", "finetune"),
-            "precision": ("bf16", "fp32"),
+            "precision": ("auto", "bf16", "fp32"),
             "attention_mode": ("masked", "original"),
             "prediction": ("soft", "mse", "mse_teacher", "hard"),
             "soft_mode": ("original", "batchmean"),
@@ -72,11 +85,18 @@ class Recipe:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "eval_every", "save_every",
-                    "keep_checkpoints")
+        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
         for key in positive:
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise RecipeError(f"recipe key {key} must be positive, got {getattr(self, key)}")
+        for key in ("eval_every", "save_every", "max_train_examples", "max_eval_examples", "epochs"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise RecipeError(f"recipe key {key} must be 0 or more, got {getattr(self, key)}")
+        if self.recipe == "general" and (self.max_seq_length is None or self.epochs is None):
+            raise RecipeError("recipe keys max_seq_length and epochs may be null only in task and finetune recipes")
+        for task, epochs in self.task_epochs.items():
+            if not _matches(epochs, float) or epochs < 0:
+                raise RecipeError(f"recipe key task_epochs.{task}: expected a number of epochs, got {epochs!r}")
         if self.batch_size % self.grad_accum:
             raise RecipeError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if isinstance(self.layer_map, str) and self.layer_map != "uniform":
@@ -88,25 +108,43 @@ class Recipe:
                                   f"prediction")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise RecipeError(f"recipe key terms.{term}: weight must be a number, got {weight!r}")
+        for name in STAGES:
+            keys = getattr(self, name)
+            for key, value in keys.items():
+                if key not in FIELDS or key in ("recipe", "deepspeed", *STAGES):
+                    raise _unknown(key, f"{name}.", [k for k in FIELDS if k not in ("recipe", "deepspeed", *STAGES)])
+                keys[key] = _check_type(key, value, f"{name}.{key}")
+            try:
+                if keys:  # the merged stage recipe runs these same checks on every value
+                    self.stage(name)
+            except RecipeError as e:
+                raise RecipeError(f"{name}: {e}") from None
+
+    def stage(self, name: str) -> Recipe:
+        """The recipe one task-distillation stage runs with: the top-level keys, replaced by the stage's own."""
+        return dataclasses.replace(self, **copy.deepcopy(getattr(self, name)), stage1={}, stage2={})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+STAGES = ("stage1", "stage2")
 
 
-def _check_type(key: str, value, annotation):
+def _check_type(key: str, value, label: str | None = None):
     hint = typing.get_type_hints(Recipe)[key]
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+    numeric = hint is float or float in typing.get_args(hint)
+    if numeric and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
         try:
             value = float(value)
         except ValueError:
             pass
     ok = _matches(value, hint)
     if not ok:
-        raise RecipeError(f"recipe key {key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-    if hint is float and isinstance(value, int):
+        raise RecipeError(f"recipe key {label or key}: expected {_type_name(hint)}, got {value!r} "
+                          f"({type(value).__name__})")
+    if numeric and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
@@ -137,10 +175,10 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
 
 
-def _unknown(key: str) -> RecipeError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(FIELDS)}"
-    return RecipeError(f"unknown recipe key {key!r}{hint}")
+def _unknown(key: str, prefix: str = "", known=FIELDS) -> RecipeError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+    return RecipeError(f"unknown recipe key {prefix + key!r}{hint}")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -174,8 +212,11 @@ def _set(data: dict, dotted: str, value):
         raise _unknown(top)
     if not rest:
         data[top] = value
+        for stage in STAGES:  # an override without a stage prefix is meant for every stage
+            if isinstance(data.get(stage), dict):
+                data[stage].pop(top, None)
         return
-    if top not in ("terms", "deepspeed"):
+    if top not in ("terms", "deepspeed", "task_epochs", *STAGES):
         raise RecipeError(f"recipe key {top} is not a mapping; write {top}=VALUE")
     if data.get(top) is None:  # start from the default mapping, so terms.attention=0 keeps the other terms
         default = FIELDS[top].default_factory() if FIELDS[top].default_factory is not dataclasses.MISSING else None
@@ -209,7 +250,7 @@ def build_recipe(data: dict, overrides: list[str] = (), **values) -> Recipe:
     for text in overrides:
         _set(data, *parse_override(text))
     for key, value in list(data.items()):
-        data[key] = _check_type(key, value, FIELDS[key].type)
+        data[key] = _check_type(key, value)
     if isinstance(data.get("deepspeed"), str):
         data["deepspeed"] = _read_json(data["deepspeed"])
     return Recipe(**data)

@@ -43,6 +43,17 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where bf16 matmuls are the fast path, else 'fp32'. On a CPU without AMX, bf16 runs on
+    AVX-512 and was measured at half the fp32 speed (docs/results.md), so auto keeps fp32 there."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if amx else "fp32"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -321,6 +332,11 @@ def _after(record: dict, stage: str, step: int) -> bool:
     return record.get("stage") == stage and record.get("step", 0) > step
 
 
+def _due(step: int, every: int, epoch_done: bool) -> bool:
+    """Every `every` optimizer steps; every = 0: at the end of each epoch (fine-tuning evaluates per epoch)."""
+    return step % every == 0 if every > 0 else epoch_done
+
+
 def micro_batches_per_epoch(stage: Stage, recipe: Recipe) -> int:
     """Micro-batches each rank runs in one epoch: whole optimizer steps only, the same count on every rank."""
     _, world_size = world()
@@ -401,7 +417,7 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
             epoch_done = position == len(mine)
             if epoch_done:  # the checkpoint below then points at the start of the next epoch
                 epoch, position = epoch + 1, 0
-            if stage.evaluate is not None and (step % recipe.eval_every == 0 or step == steps):
+            if stage.evaluate is not None and (_due(step, recipe.eval_every, epoch_done) or step == steps):
                 metrics = stage.evaluate(engine.module)
                 engine.module.train()
                 log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
@@ -410,7 +426,7 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
                               + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 if stage.on_eval is not None:
                     stage.on_eval(step, metrics)
-            if step % recipe.save_every == 0 or step == steps:
+            if _due(step, recipe.save_every, epoch_done) or step == steps:
                 save_checkpoint(engine, output, client_state(), recipe.keep_checkpoints)
             if epoch_done:
                 break

@@ -1,0 +1,630 @@
+"""Publishing a student: a model card (README.md with Hugging Face metadata) built from the runs that made it, and a
+push to the Hub, or any server that speaks its API, through `huggingface_hub.HfApi`.
+
+The card states what a reader needs to trust and reuse the model: its teacher, each distillation stage with its
+recipe (layer map, loss weights and modes, temperature, data), evaluation results, size and measured speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tinybert.hub import CheckpointError, load_model
+from tinybert.report import read_log
+
+LOSS_TERMS = ("embedding", "hidden", "attention", "prediction")
+STAGE_TITLES = {
+    "general": "General distillation (TinyBERT section 3.2, on raw text)",
+    "stage1": "Task distillation, stage 1: intermediate layers",
+    "stage2": "Task distillation, stage 2: prediction layer",
+    "finetune": "Fine-tuning",
+}
+# The stages a recipe runs, for runs whose log.jsonl is missing.
+RECIPE_STAGES = {"general": ("general",), "task": ("stage1", "stage2"), "finetune": ("finetune",)}
+# Recipe keys that say which data a stage saw (those of future recipes are shown as they come).
+DATA_KEYS = ("corpus", "task", "data_dir", "train_file", "validation_file", "dataset")
+GLUE_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+              "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+METRIC_TYPES = {"pearson": "pearsonr"}  # our result keys -> the Hub's metric ids, where they differ
+METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "Matthews correlation",
+                "pearson": "Pearson", "pearsonr": "Pearson", "spearmanr": "Spearman"}
+CITATION = """@inproceedings{jiao2020tinybert,
+  title = {{TinyBERT}: Distilling {BERT} for Natural Language Understanding},
+  author = {Jiao, Xiaoqi and Yin, Yichun and Shang, Lifeng and Jiang, Xin and Chen, Xiao and Li, Linlin and
+            Wang, Fang and Liu, Qun},
+  booktitle = {Findings of the Association for Computational Linguistics: EMNLP 2020},
+  year = {2020}
+}"""
+
+
+class PushError(ValueError):
+    """A push that cannot start or did not finish; the message is one line and never holds the token."""
+
+
+# ------------------------------------------------------------------------------------------------- run records
+
+
+@dataclass
+class Run:
+    """One run directory: the resolved recipe (with teacher/student/corpus) and its log records."""
+
+    path: Path
+    recipe: dict
+    records: list[dict]
+    metrics: object | None  # metrics.json as written by a task run, if any
+
+    @property
+    def stages(self) -> list[str]:
+        seen = []
+        for r in self.records:
+            if r.get("stage") and r["stage"] not in seen:
+                seen.append(r["stage"])
+        return seen or list(RECIPE_STAGES.get(self.recipe.get("recipe"), ()))
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"run directory {path} does not exist")
+    recipe_file, log_file, metrics_file = path / "recipe.yaml", path / "log.jsonl", path / "metrics.json"
+    if not recipe_file.is_file() and not log_file.is_file():
+        raise ValueError(f"{path} holds neither recipe.yaml nor log.jsonl; give a run directory written by "
+                         f"tinybert distill or finetune")
+    recipe = {}
+    if recipe_file.is_file():
+        try:
+            recipe = yaml.safe_load(recipe_file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{recipe_file} is not valid YAML ({str(e).splitlines()[0]})") from None
+    metrics = None
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{metrics_file} is not valid JSON ({e})") from None
+    return Run(path, recipe if isinstance(recipe, dict) else {}, read_log(log_file) if log_file.is_file() else [],
+               metrics)
+
+
+def _default_run_dirs(model_dir: Path) -> list[Path]:
+    """A student exported by a run lives in RUN/student: that run made it."""
+    parent = model_dir.resolve().parent
+    return [parent] if (parent / "recipe.yaml").is_file() or (parent / "log.jsonl").is_file() else []
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    task: str
+    split: str
+    metrics: dict[str, float]
+    dataset: str | None = None  # a hub dataset id when known
+
+
+SPLIT_NAMES = ("train", "validation", "validation_matched", "validation_mismatched", "dev", "eval", "test")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def normalise_results(raw, *, task: str | None = None, split: str = "validation") -> list[Result]:
+    """Evaluation results in the shapes task runs and users write them:
+    {"accuracy": 0.9}, {"task": "sst2", "split": "validation", "metrics": {...}}, {"sst2": {"accuracy": 0.9}},
+    {"validation": {"accuracy": 0.9}}, a list of any of these, or a JSON file path holding one."""
+    if raw is None:
+        return []
+    if isinstance(raw, (str, os.PathLike)):
+        path = Path(raw)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"results file {path}: {type(e).__name__}: {e}") from None
+    if isinstance(raw, list):
+        return [r for item in raw for r in normalise_results(item, task=task, split=split)]
+    if not isinstance(raw, dict):
+        raise ValueError(f"evaluation results must be a mapping or a list of mappings, not {type(raw).__name__}")
+    task = str(raw.get("task", task) or "custom")
+    split = str(raw.get("split", split))
+    dataset = raw.get("dataset") if isinstance(raw.get("dataset"), str) else None
+    if isinstance(raw.get("metrics"), dict):
+        found = {k: float(v) for k, v in raw["metrics"].items() if _is_number(v)}
+        return [Result(task, split, found, dataset)] if found else []
+    flat = {k: float(v) for k, v in raw.items() if _is_number(v) and k not in ("step", "epoch")}
+    results = [Result(task, split, flat, dataset)] if flat else []
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key in SPLIT_NAMES:
+                results += normalise_results(value, task=task, split=key)
+            else:
+                results += normalise_results({"task": key, "split": split, **value}, task=key, split=split)
+    return results
+
+
+def _eval_result(result: Result, metric: str, value: float):
+    from huggingface_hub import EvalResult
+
+    task = result.task.lower()
+    if task in GLUE_NAMES:
+        dataset_type, dataset_name, config = result.dataset or "nyu-mll/glue", f"GLUE {GLUE_NAMES[task]}", task
+    else:
+        dataset_type, dataset_name, config = result.dataset or result.task, result.task, None
+    return EvalResult(
+        task_type="text-classification", task_name="Text Classification",
+        dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=config, dataset_split=result.split,
+        metric_type=METRIC_TYPES.get(metric, metric), metric_value=round(value, 4),
+        metric_name=METRIC_NAMES.get(metric, metric),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+
+
+def _pick(d: dict, *names: str, contains: str | None = None):
+    for name in names:
+        if _is_number(d.get(name)):
+            return float(d[name])
+    if contains:
+        for key, value in d.items():
+            if contains in key and _is_number(value):
+                return float(value)
+    return None
+
+
+def read_bench(bench) -> dict | None:
+    """A bench result: {"model": {...}, "vs": {...}, "speedup": x} (dict or JSON file); each side may carry
+    p50 latency (ms), p95, throughput (sequences/s), a name and a parameter count."""
+    if bench is None:
+        return None
+    if isinstance(bench, (str, os.PathLike)):
+        try:
+            bench = json.loads(Path(bench).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"bench file {bench}: {type(e).__name__}: {e}") from None
+    if not isinstance(bench, dict):
+        raise ValueError(f"a bench result must be a mapping with 'model' and 'vs', not {type(bench).__name__}")
+
+    def side(d):
+        if not isinstance(d, dict):
+            return None
+        return {
+            "name": d.get("name") or d.get("model"),
+            "p50": _pick(d, "p50_ms", "latency_p50_ms", "p50", "latency_ms", contains="p50"),
+            "p95": _pick(d, "p95_ms", "latency_p95_ms", "p95", contains="p95"),
+            "throughput": _pick(d, "throughput", "throughput_per_s", "sequences_per_s", "seq_per_s",
+                                contains="throughput"),
+            "params": _pick(d, "params", "parameters", "num_parameters"),
+        }
+
+    model, vs = side(bench.get("model")), side(bench.get("vs"))
+    speedup = bench.get("speedup")
+    if isinstance(speedup, dict):
+        speedup = _pick(speedup, "latency", "p50", "throughput", contains="")
+    elif not _is_number(speedup):  # not given: the latency ratio, when both sides have one
+        speedup = vs["p50"] / model["p50"] if model and vs and model["p50"] and vs["p50"] else None
+    setting = {k: v for k, v in bench.items() if k not in ("model", "vs", "speedup") and isinstance(v, (str, int, float))}
+    return {"model": model, "vs": vs, "speedup": speedup, "setting": setting}
+
+
+# ------------------------------------------------------------------------------------------------------- card
+
+
+def _local_path(name: str | None) -> bool:
+    return bool(name) and (Path(str(name)).expanduser().exists() or str(name).startswith(("/", ".", "~")))
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id and is no local path, else None (metadata needs real Hub ids)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or _local_path(name) or str(name).count("/") != 1:
+        return None
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        return None
+    return str(name)
+
+
+def _count_parameters(directory: str | os.PathLike) -> int | None:
+    """Parameters stored in a checkpoint's safetensors, from the header only (no weights are read)."""
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception:  # an unreadable teacher only costs the card one figure
+        return None
+
+
+def _millions(n: float | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f}M"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _md_link(name: str) -> str:
+    hub = _hub_id(name)
+    return f"[`{hub}`](https://huggingface.co/{hub})" if hub else f"`{name}`"
+
+
+def _stage_terms(run: Run, stage: str) -> dict[str, float]:
+    """The loss terms a stage trained, as logged, with the recipe's weights (without a log: the recipe's terms
+    that the stage runs)."""
+    weights = run.recipe.get("terms") or {}
+    logged = [t for t in LOSS_TERMS if any(r.get("stage") == stage and t in r for r in run.records)]
+    if not run.records:
+        logged = {"stage2": ["prediction"], "finetune": []}.get(stage, [t for t in weights if t != "prediction"])
+    return {t: weights.get(t, 1.0) for t in logged}
+
+
+def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
+    recipe = run.recipe
+    terms = _stage_terms(run, stage)
+    lines = [f"### {STAGE_TITLES.get(stage, stage)}", ""]
+    if recipe.get("teacher"):
+        lines.append(f"- teacher: {_md_link(recipe['teacher'])}")
+    if recipe.get("student"):
+        lines.append(f"- initial student: {_md_link(recipe['student'])}")
+    for key in DATA_KEYS:
+        value = recipe.get(key)
+        if value:
+            shown = ", ".join(f"`{v}`" for v in value) if isinstance(value, list) else f"`{value}`"
+            lines.append(f"- {'data' if key == 'corpus' else key.replace('_', ' ')}: {shown}")
+    for key, value in recipe.items():
+        if "augment" in key and value not in (None, False, ""):
+            lines.append(f"- {key.replace('_', ' ')}: `{value}`")
+    if any(t in terms for t in ("embedding", "hidden", "attention")):
+        layer_map = recipe.get("layer_map")
+        if layer_map is not None:
+            shown = f"`{layer_map}`" if isinstance(layer_map, list) else f"{layer_map} ({student_layers} student layers)"
+            lines.append(f"- layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
+    if terms:
+        lines.append("- loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
+    if "attention" in terms and recipe.get("attention_mode"):
+        lines.append(f"- attention loss: MSE of pre-softmax scores, mode `{recipe['attention_mode']}`")
+    if ("hidden" in terms or "embedding" in terms) and "shared_projection" in recipe:
+        lines.append(f"- hidden-state projections: {'one shared' if recipe['shared_projection'] else 'one per layer'}"
+                     f" (trained with the student, not exported)")
+    if "prediction" in terms:
+        lines.append(f"- prediction loss: `{recipe.get('prediction', 'soft')}`, temperature "
+                     f"{_fmt(recipe.get('temperature', 1.0))}, soft mode `{recipe.get('soft_mode', 'original')}`")
+    steps = max((r.get("step", 0) for r in run.records if r.get("stage") == stage and r.get("kind") == "train"),
+                default=None)
+    optim = [f"{steps:,} steps" if steps else None,
+             f"batch {recipe['batch_size']}" if "batch_size" in recipe else None,
+             f"sequence length {recipe['max_seq_length']}" if "max_seq_length" in recipe else None,
+             f"learning rate {_fmt(recipe['learning_rate'])}" if "learning_rate" in recipe else None,
+             f"{recipe['scheduler']} schedule, warmup {_fmt(recipe.get('warmup_ratio', 0))}"
+             if "scheduler" in recipe else None,
+             f"{recipe['precision']}" if "precision" in recipe else None,
+             f"seed {recipe['seed']}" if "seed" in recipe else None]
+    if any(optim):
+        lines.append("- optimisation: " + ", ".join(x for x in optim if x))
+    train = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "train"]
+    if train and _is_number(train[-1].get("loss")):
+        last = train[-1]
+        parts = [f"{t} {_fmt(last[t])}" for t in terms if _is_number(last.get(t))]
+        lines.append(f"- last training loss: {_fmt(last['loss'])}" + (f" ({', '.join(parts)})" if parts else ""))
+    evals = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "eval"]
+    if evals:
+        last = evals[-1]
+        values = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if _is_number(v) and k not in ("step", "epoch"))
+        lines.append(f"- last held-out evaluation (step {last.get('step')}): {values}")
+    return lines + [""]
+
+
+def _usage(repo: str, config) -> str:
+    if config.num_labels:
+        if config.is_regression:
+            show = "print(logits.squeeze(-1).tolist())  # one score per input"
+        else:
+            show = "print([model.config.id2label[i] for i in logits.argmax(-1).tolist()])"
+        return f"""```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = AutoModelForSequenceClassification.from_pretrained("{repo}").eval()
+inputs = tokenizer(["A small model that reads like a big one."], padding=True, truncation=True,
+                   return_tensors="pt")  # sentence pairs: tokenizer(first_texts, second_texts, ...)
+with torch.no_grad():
+    logits = model(**inputs).logits  # (batch, {config.num_labels})
+{show}
+```"""
+    return f"""```python
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = AutoModel.from_pretrained("{repo}").eval()
+inputs = tokenizer(["A small model that reads like a big one."], padding=True, truncation=True, return_tensors="pt")
+with torch.no_grad():
+    hidden = model(**inputs).last_hidden_state  # (batch, tokens, {config.hidden_size})
+print(hidden.shape)
+```
+
+A general-distilled student has no task head: fine-tune it, or distil a fine-tuned teacher into it on your task."""
+
+
+def model_card(
+    model_dir: str | os.PathLike,
+    *,
+    run_dirs: list[str | os.PathLike] | None = None,
+    results=None,
+    bench=None,
+    license: str = "apache-2.0",
+    repo_id: str | None = None,
+    base_model: str | None = None,
+) -> str:
+    """README.md text for an exported student: Hub metadata (license, base_model = the teacher, tags, datasets,
+    metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage.
+
+    run_dirs: the runs that made the model, in order (default: the run whose `student/` this is); their
+    recipe.yaml, log.jsonl and metrics.json are read. results: evaluation results (see `normalise_results`),
+    added to those of the runs' metrics.json. bench: a bench dict or JSON file (see `read_bench`).
+    """
+    from huggingface_hub import ModelCardData
+
+    model_dir = Path(model_dir)
+    model = load_model(model_dir)
+    config = model.config
+    runs = [read_run(d) for d in (run_dirs if run_dirs is not None else _default_run_dirs(model_dir))]
+    teachers = [r.recipe["teacher"] for r in runs if r.recipe.get("teacher")]
+    teacher = teachers[-1] if teachers else None  # the teacher of the run that produced this model
+    base_model = base_model or _hub_id(teacher)
+
+    found: list[Result] = []
+    for run in runs:
+        found += normalise_results(run.metrics, task=run.recipe.get("task"))
+    found += normalise_results(results)
+    found = [r for r in found if r.metrics]
+    bench = read_bench(bench)
+
+    datasets = []
+    for run in runs:
+        for name in (run.recipe.get("corpus") or []) + [run.recipe.get("dataset")]:
+            if _hub_id(name) and name not in datasets:
+                datasets.append(name)
+        if str(run.recipe.get("task", "")).lower() in GLUE_NAMES and "nyu-mll/glue" not in datasets:
+            datasets.append("nyu-mll/glue")
+    for r in found:
+        hub = r.dataset or ("nyu-mll/glue" if r.task.lower() in GLUE_NAMES else None)
+        if _hub_id(hub) and hub not in datasets:
+            datasets.append(hub)
+    metric_names = list(dict.fromkeys(METRIC_TYPES.get(m, m) for r in found for m in r.metrics))
+
+    name = (repo_id or model_dir.resolve().name).split("/")[-1]
+    if name == "student" and runs:
+        name = runs[-1].path.resolve().name
+    tags = ["tinybert", "distillation", "bert"] + (["text-classification"] if config.num_labels else [])
+    data = ModelCardData(
+        license=license, base_model=base_model, library_name="transformers",
+        pipeline_tag="text-classification" if config.num_labels else "feature-extraction",
+        tags=tags, datasets=datasets or None, metrics=metric_names or None,
+        model_name=name if found else None,
+        eval_results=[_eval_result(r, m, v) for r in found for m, v in r.metrics.items()] or None,
+    )
+
+    counts = model.num_parameters()
+    teacher_params = _count_parameters(teacher) if teacher and Path(teacher).is_dir() else None
+    if teacher_params is None and bench and bench["vs"] and bench["vs"]["params"]:
+        teacher_params = bench["vs"]["params"]
+    shape = (f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, feed-forward "
+             f"{config.intermediate_size}, {config.num_attention_heads} attention heads")
+    if config.num_labels:
+        head = ("a regression head" if config.is_regression else
+                f"a classification head over {config.num_labels} labels "
+                f"({', '.join(str(v) for v in (config.id2label or {}).values()) or 'unnamed'})")
+    else:
+        head = "no task head"
+    body = [f"# {name}", ""]
+    intro = f"A TinyBERT student ({shape}; {_millions(counts['total'])} parameters) with {head}"
+    intro += f", distilled from {_md_link(teacher)}" if teacher else ""
+    body += [intro + " by the `tinybert` toolkit, following TinyBERT ([Jiao et al., 2020]"
+             "(https://arxiv.org/abs/1909.10351)). It loads with plain `transformers`.", ""]
+    if teacher and not base_model:
+        body += [f"The teacher is a local checkpoint (`{teacher}`), so the metadata names no `base_model` "
+                 f"(`tinybert push --base-model OWNER/NAME` names its Hub id).", ""]
+
+    body += ["## Lineage", ""]
+    if runs:
+        for run in runs:
+            for stage in run.stages:
+                body += _stage_lines(run, stage, config.num_hidden_layers)
+    else:
+        body += ["No run directory was given, so the recipe that made this model is not recorded here.", ""]
+
+    body += ["## Evaluation", ""]
+    if found:
+        body += ["| task | split | metric | value |", "|---|---|---|---|"]
+        for r in found:
+            for metric, value in r.metrics.items():
+                body.append(f"| {GLUE_NAMES.get(r.task.lower(), r.task)} | {r.split} | "
+                            f"{METRIC_NAMES.get(metric, metric)} | {value:.4f} |")
+        body.append("")
+    else:
+        body += ["No task evaluation was recorded for this model.", ""]
+
+    body += ["## Size and speed", "", "| | parameters | p50 latency (ms) | p95 latency (ms) | throughput (seq/s) |",
+             "|---|---|---|---|---|"]
+    m = (bench or {}).get("model") or {}
+    v = (bench or {}).get("vs") or {}
+    body.append(f"| this model | {_millions(counts['total'])} | {_fmt(m.get('p50') or '-')} | "
+                f"{_fmt(m.get('p95') or '-')} | {_fmt(m.get('throughput') or '-')} |")
+    if teacher or v:
+        label = f"teacher ({v.get('name') or teacher})" if teacher else f"{v.get('name') or 'reference'}"
+        body.append(f"| {label} | {_millions(teacher_params) if teacher_params else '-'} | "
+                    f"{_fmt(v.get('p50') or '-')} | {_fmt(v.get('p95') or '-')} | {_fmt(v.get('throughput') or '-')} |")
+    body.append("")
+    if bench and bench["speedup"]:
+        body.append(f"Speed-up against the {'teacher' if teacher else 'reference'}: **{bench['speedup']:.2f}x**"
+                    + (f" ({', '.join(f'{k} {_fmt(x)}' for k, x in bench['setting'].items())})"
+                       if bench["setting"] else "") + ".")
+        body.append("")
+    elif not bench:
+        body += ["Speed was not measured for this card.", ""]
+    if teacher_params:
+        body += [f"{teacher_params / counts['total']:.1f}x fewer parameters than the teacher.", ""]
+
+    body += ["## Usage", "", _usage(repo_id or str(model_dir), config), ""]
+    body += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+# ------------------------------------------------------------------------------------------------------- push
+
+
+def _scrub(text: str, token: str | None) -> str:
+    """One line, without the token, whatever a server or library put in an error."""
+    line = " ".join(str(text).split())
+    return line.replace(token, "***") if token else line
+
+
+def _transport_errors() -> tuple[type, ...]:
+    """Connection-level errors of whichever HTTP client this huggingface_hub uses."""
+    errors: list[type] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        import requests
+
+        errors.append(requests.exceptions.ConnectionError)
+        errors.append(requests.exceptions.Timeout)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise PushError(f"{model_dir} is not a directory; give the exported model directory (e.g. RUN/student)")
+    try:
+        load_model(model_dir)
+    except CheckpointError as e:
+        raise PushError(f"{model_dir} is not an exported model: {e}") from None
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+        raise PushError(f"{model_dir} has no tokenizer (tokenizer.json or vocab.txt); export the model with its "
+                        f"tokenizer so that AutoTokenizer can load it")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise PushError(f"repo id {repo_id!r} is not OWNER/NAME (e.g. my-user/tinybert-sst2)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PushError(f"repo id {repo_id!r} is not valid: OWNER/NAME with letters, digits, '-', '_' and '.', "
+                        f"no '--' or '..', at most 96 characters") from None
+
+
+def _stage(model_dir: Path, card: str, into: Path) -> int:
+    """Link the model's files into `into` and write the card there: the user's directory is never written to.
+    Hidden entries (unfinished `.tmp-` saves, caches) and an existing README.md are left out."""
+    count = 0
+    for src in sorted(model_dir.rglob("*")):
+        rel = src.relative_to(model_dir)
+        if any(part.startswith(".") for part in rel.parts) or not src.is_file() or rel == Path("README.md"):
+            continue
+        dst = into / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(src, dst)
+        count += 1
+    (into / "README.md").write_text(card)
+    return count + 1
+
+
+def push(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    run_dirs: list[str | os.PathLike] | None = None,
+    results=None,
+    bench=None,
+    license: str = "apache-2.0",
+    base_model: str | None = None,
+) -> str:
+    """Upload an exported student with its model card to `repo_id` (created if missing, on branch `revision`).
+
+    Everything that can be checked locally is checked before any request: the model directory, the repo id,
+    the token (argument, HF_TOKEN, or `hf auth login`), offline mode; then the card is built. The token is sent
+    only in the Authorization header. Returns the URL of the commit.
+    """
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.utils import HfHubHTTPError
+
+    model_dir = Path(model_dir)
+    _check_model_dir(model_dir)
+    _check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    if constants.is_offline_mode():
+        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", endpoint):
+        raise PushError(f"endpoint {endpoint!r} is not an http(s) URL")
+    try:
+        card = model_card(model_dir, run_dirs=run_dirs, results=results, bench=bench, license=license,
+                          repo_id=repo_id, base_model=base_model)
+    except ValueError as e:
+        raise PushError(f"cannot write the model card: {_scrub(e, token)}") from None
+
+    api = HfApi(endpoint=endpoint, token=token)
+    step = "create the repository"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != constants.DEFAULT_REVISION:
+            step = f"create branch {revision!r}"
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step = "upload the files"
+        with tempfile.TemporaryDirectory(prefix="tinybert-push-") as tmp:
+            _stage(model_dir, card, Path(tmp))
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, revision=revision,
+                commit_message=commit_message or f"Upload {model_dir.resolve().name} with tinybert",
+            )
+    except _transport_errors() as e:
+        raise PushError(f"cannot reach {endpoint} to {step} ({type(e).__name__}: {_scrub(e, token)}); check the "
+                        f"network and --endpoint") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        hint = {401: "the token was refused: check HF_TOKEN or run `hf auth login`",
+                403: f"the token may not write to {repo_id}: use a token with write access to that namespace",
+                404: f"{repo_id} or its revision was not found"}.get(status, "")
+        detail = _scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)
+        raise PushError(f"{endpoint} refused to {step} (HTTP {status}): {hint + '; ' if hint else ''}{detail}") from None
+    except ValueError as e:  # huggingface_hub's own checks (bad revision, malformed server answers)
+        raise PushError(f"push to {endpoint} failed to {step}: {_scrub(e, token)}") from None
+    return str(getattr(info, "commit_url", info))

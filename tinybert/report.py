@@ -1,0 +1,219 @@
+"""Training reports from a run's log.jsonl: PNG plots of every loss term (held-out values over the training curve),
+the learning rate and the other schedule values, every evaluation metric, and a short Markdown summary beside them.
+
+Plots are drawn on `matplotlib.figure.Figure` objects, not through pyplot, so no global backend or figure state is
+touched (the Agg canvas writes the PNGs, with no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+SCHEDULE = {"lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
+            "tokens_per_s": "throughput (tokens/s)"}
+NOT_PLOTTED = ("stage", "kind", "step", "epoch")
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on; the message says which file and why."""
+
+
+def read_log(path: Path) -> list[dict]:
+    """log.jsonl records. A run killed mid-write may leave a partial last line, which is skipped; any other line
+    that is not JSON is an error naming it."""
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise ReportError(f"{path} line {number} is not JSON; is this a log.jsonl written by tinybert?") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _keys(records: list[dict], exclude=()) -> list[str]:
+    """Numeric keys in order of first appearance, `loss` (the weighted sum) first."""
+    keys = []
+    for r in records:
+        for k, v in r.items():
+            if k not in NOT_PLOTTED and k not in exclude and k not in keys and _number(v):
+                keys.append(k)
+    return sorted(keys, key=lambda k: k != "loss")
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = sorted((r["step"], float(r[key])) for r in records if _number(r.get(key)) and _number(r.get("step")))
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    alpha, out, avg = 2 / (span + 1), [], None
+    for v in values:
+        avg = v if avg is None else alpha * v + (1 - alpha) * avg
+        out.append(avg)
+    return out
+
+
+def _grid(n: int, title: str):
+    from matplotlib.figure import Figure
+
+    cols = 1 if n == 1 else 2
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.5 * cols, 3.4 * rows + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=13)
+    return fig, axes[:n]
+
+
+def _log_scale_helps(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and len(values) > 1 and max(positive) / min(positive) >= 10
+
+
+def _plot_losses(stage: str, train: list[dict], evals: list[dict], keys: list[str], path: Path, run: str):
+    fig, axes = _grid(len(keys), f"{run} - {stage}: loss terms")
+    for ax, key in zip(axes, keys):
+        steps, values = _series(train, key)
+        shown = list(values)
+        if len(values) > 20:  # noisy per-step values faint, their moving average on top
+            ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+            ax.plot(steps, _ema(values, max(5, len(values) // 50)), color="tab:blue", linewidth=1.6,
+                    label="train (moving average)")
+        elif values:
+            ax.plot(steps, values, color="tab:blue", marker=".", linewidth=1.4, label="train")
+        e_steps, e_values = _series(evals, key)
+        if e_values:
+            ax.plot(e_steps, e_values, color="tab:orange", marker="o", linewidth=1.2, label="held-out")
+            shown += e_values
+        if _log_scale_helps(shown):
+            ax.set_yscale("log")
+        ax.set_title("loss (weighted sum of the terms)" if key == "loss" else f"{key} loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def _plot_lines(records: list[dict], keys: list[str], titles: dict, path: Path, title: str, marker: str | None):
+    fig, axes = _grid(len(keys), title)
+    for ax, key in zip(axes, keys):
+        steps, values = _series(records, key)
+        ax.plot(steps, values, color="tab:green", marker=marker, linewidth=1.4)
+        ax.set_title(titles.get(key, key))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(titles.get(key, key))
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.grid(True, alpha=0.3)
+    fig.savefig(path)
+
+
+def _table(records: list[dict], keys: list[str]) -> list[str]:
+    lines = ["| value | first | last | min (step) | max (step) |", "|---|---|---|---|---|"]
+    for key in keys:
+        steps, values = _series(records, key)
+        if not values:
+            continue
+        lo, hi = values.index(min(values)), values.index(max(values))
+        lines.append(f"| {key} | {values[0]:.4g} | {values[-1]:.4g} | {values[lo]:.4g} ({steps[lo]}) | "
+                     f"{values[hi]:.4g} ({steps[hi]}) |")
+    return lines
+
+
+def _recipe_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return ["(recipe.yaml could not be read)", ""]
+    if not isinstance(recipe, dict):
+        return []
+    keys = ["recipe", "teacher", "student", "corpus", "task", "layer_map", "terms", "batch_size", "max_seq_length",
+            "learning_rate", "max_steps", "epochs", "precision"]
+    if "prediction" in (recipe.get("terms") or {}):
+        keys.insert(keys.index("terms") + 1, "temperature")
+
+    def shown(value):
+        if isinstance(value, list) and not all(isinstance(v, int) for v in value):
+            return ", ".join(f"`{v}`" for v in value)
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items())
+        return f"`{value}`"
+
+    return [f"- {k}: {shown(recipe[k])}" for k in keys if recipe.get(k) not in (None, "", [])] + [""]
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write the plots and report.md for `run_dir` into `out` (default RUN_DIR/report); returns report.md's path."""
+    run_dir = Path(run_dir)
+    log = run_dir / "log.jsonl"
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory {run_dir} does not exist")
+    if not log.is_file():
+        raise ReportError(f"{run_dir} has no log.jsonl; give a run directory written by tinybert distill or finetune")
+    records = read_log(log)
+    if not records:
+        raise ReportError(f"{log} holds no records; the run logged no step yet")
+    out = Path(out) if out is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    run = run_dir.resolve().name
+
+    stages = list(dict.fromkeys(r.get("stage", "run") for r in records))
+    md = [f"# Training report: {run}", "", f"Run directory `{run_dir}`.", ""] + _recipe_lines(run_dir)
+    for stage in stages:
+        mine = [r for r in records if r.get("stage", "run") == stage]
+        train = [r for r in mine if r.get("kind", "train") == "train"]
+        evals = [r for r in mine if r.get("kind") == "eval"]
+        loss_keys = _keys(train, exclude=SCHEDULE)
+        schedule_keys = [k for k in SCHEDULE if any(_number(r.get(k)) for r in train)]
+        eval_keys = _keys(evals)
+        steps = [r["step"] for r in train if _number(r.get("step"))]
+        epochs = [r["epoch"] for r in train if _number(r.get("epoch"))]
+        md += [f"## {stage}", ""]
+        md.append(f"{len(train)} training steps" + (f" (steps {min(steps)} to {max(steps)}" if steps else "")
+                  + (f", epochs {min(epochs)} to {max(epochs)})" if epochs else (")" if steps else ""))
+                  + f", {len(evals)} evaluations.")
+        md.append("")
+        figures = []
+        if loss_keys:
+            name = f"{stage}-losses.png"
+            _plot_losses(stage, train, evals, loss_keys, out / name, run)
+            figures.append((name, f"{stage}: loss terms"))
+            md += ["Training loss terms:", ""] + _table(train, loss_keys) + [""]
+        if schedule_keys:
+            name = f"{stage}-schedule.png"
+            _plot_lines(train, schedule_keys, SCHEDULE, out / name, f"{run} - {stage}: learning rate and schedule",
+                        None)
+            figures.append((name, f"{stage}: learning rate and schedule"))
+        if eval_keys:
+            name = f"{stage}-eval.png"
+            _plot_lines(evals, eval_keys, {}, out / name, f"{run} - {stage}: evaluation metrics", "o")
+            figures.append((name, f"{stage}: evaluation metrics"))
+            last = evals[-1]
+            md += [f"Final evaluation (step {last.get('step')}):", "", "| metric | value |", "|---|---|"]
+            md += [f"| {k} | {last[k]:.4g} |" for k in eval_keys if _number(last.get(k))] + [""]
+            md += ["All evaluations:", ""] + _table(evals, eval_keys) + [""]
+        md += [f"![{title}]({name})" for name, title in figures] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

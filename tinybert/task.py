@@ -1,0 +1,648 @@
+"""Labelled tasks on the shared loop of train.py: fine-tuning (a teacher, or a student) on the gold labels, task
+distillation (TinyBERT section 3.2: stage 1 distils the intermediate layers, stage 2 the predictions, with the
+paper's per-task lengths and epochs), and evaluation with the GLUE metrics and submission files.
+
+Output of a fine-tuning run:    checkpoints/  log.jsonl  best/  last/  metrics.json  recipe.yaml
+Output of a task distillation:  stage1/{checkpoints, log.jsonl, student/}  stage2/{checkpoints, log.jsonl}
+                                best/  last/  metrics.json  recipe.yaml
+best/ and last/ are Hugging Face directories: best by the task's main metric on the dev set (evaluated every epoch),
+last at the end of training. stage1/student is the student that enters stage 2, so `--resume` after a finished
+stage 1 starts stage 2 from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from tinybert.data import (
+    DataError,
+    Task,
+    collate,
+    get_task,
+    length_grouped_batches,
+    load_custom,
+    load_split_file,
+    load_task,
+    tokenize,
+    write_submission,
+)
+from tinybert.distill import Distiller
+from tinybert.hub import CheckpointError, load_model, load_tokenizer, save_model
+from tinybert.losses import hard_cross_entropy, regression_mse
+from tinybert.model import PRESETS, Bert
+from tinybert.recipe import Recipe, RecipeError
+from tinybert.train import (
+    Stage,
+    TrainingError,
+    average_terms,
+    build_engine,
+    checkpoints,
+    default_device,
+    load_checkpoint,
+    seed_everything,
+    total_steps,
+    train,
+    world,
+)
+
+# Bump when the way teacher logits are computed changes, so older cache files are not reused.
+_LOGITS_FORMAT = "tinybert-logits-1"
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class TaskData:
+    """Where a task's rows come from: a GLUE task (`data_dir` with SST-2/..., or the hub), or your own files."""
+
+    task: str | None = None  # a GLUE task name; None: a custom task from `train`/`validation`
+    data_dir: str | None = None
+    train: str | None = None  # custom task files (CSV, TSV, JSON, JSONL)
+    validation: str | None = None
+    text_columns: tuple[str, ...] = ()
+    label_column: str = "label"
+    augmented: str | None = None  # replaces the train split (same columns as the task's)
+
+    def __post_init__(self):
+        if (self.task is None) == (self.train is None):
+            raise DataError("give a GLUE task (--task sst2) or your own files (--train FILE --validation FILE "
+                            "--text-columns a,b --label-column y), not both")
+        if self.train is not None and not self.text_columns:
+            raise DataError("a custom task needs --text-columns (one or two column names, e.g. question,answer)")
+
+    def load(self, kinds: tuple[str, ...], max_train: int = 0, max_eval: int = 0) -> tuple[Task, dict]:
+        """The task and its splits for `kinds` (train, dev, test), each cut to its first max_* rows when > 0.
+
+        Returns {split name: Dataset with text_a[, text_b], label, idx}; dev is one split per dev set of the task
+        (mnli: validation_matched, validation_mismatched), the first one picks the best checkpoint.
+        """
+        if self.task is not None:
+            task = get_task(self.task)
+            names = [s for kind in kinds for s in _split_names(task, kind)
+                     if not (s == "train" and self.augmented)]
+            splits = dict(load_task(task.name, self.data_dir, splits=names)) if names else {}
+        else:
+            if "test" in kinds:
+                raise DataError("a custom task has no GLUE test split; evaluate --split dev")
+            files = {"train": self.train}
+            if "dev" in kinds or "train" in kinds:
+                if self.validation is None:
+                    raise DataError("a custom task needs --validation FILE (the dev set every epoch is scored on)")
+                files["validation"] = self.validation
+            loaded, task = load_custom(files, self.text_columns, self.label_column)
+            splits = {s: ds for s, ds in loaded.items() if s != "train" or "train" in kinds}
+        if self.augmented and "train" in kinds:
+            splits["train"] = load_split_file(self.augmented, task, "train", self.label_column)
+        out = {}
+        for split, ds in splits.items():
+            limit = max_train if split == "train" else max_eval
+            out[split] = ds.select(range(limit)) if 0 < limit < len(ds) else ds
+        return task, out
+
+
+def _split_names(task: Task, kind: str) -> tuple[str, ...]:
+    return {"train": ("train",), "dev": task.dev_splits, "test": task.test_splits}[kind]
+
+
+def for_task(recipe: Recipe, task: Task) -> tuple[Recipe, dict[str, str]]:
+    """Fill the keys a recipe leaves to the task (null max_seq_length, null epochs); also say where each came from."""
+    changes, source = {}, {}
+    if recipe.max_seq_length is None:
+        changes["max_seq_length"] = task.max_seq_length
+        source["max_seq_length"] = f"task {task.name}: {'sentence pairs' if task.is_pair else 'single sentences'}"
+    if recipe.epochs is None:
+        key = task.name if task.name in recipe.task_epochs else "default"
+        if key not in recipe.task_epochs:
+            raise RecipeError(f"recipe key epochs is null but task_epochs has neither {task.name} nor default")
+        changes["epochs"] = float(recipe.task_epochs[key])
+        source["epochs"] = f"task_epochs.{key}"
+    return dataclasses.replace(recipe, **changes), source
+
+
+def collate_batch(features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
+    """data.collate, plus the cached teacher logits (B, C) when the rows carry them."""
+    batch = collate(features, pad_token_id)
+    if "teacher_logits" in features[0]:
+        batch["teacher_logits"] = torch.tensor([f["teacher_logits"] for f in features], dtype=torch.float)
+    return batch
+
+
+def make_plan(dataset, micro: int, seed: int):
+    """epoch -> shuffled micro-batches of similar-length rows; the same epoch always gives the same batches."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return lambda epoch: length_grouped_batches(lengths, micro, torch.Generator().manual_seed(seed + epoch))
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+def check_head(model: Bert, task: Task, who: str):
+    """A model that must already predict `task` (a teacher, a model to evaluate): same label count, same order."""
+    c = model.config
+    if not c.num_labels:
+        raise CheckpointError(f"{who} has no classification head; fine-tune it on the task first "
+                              f"(tinybert finetune --task {task.name} --model ... --output DIR)")
+    _check_labels(model, task, who)
+
+
+def _check_labels(model: Bert, task: Task, who: str):
+    c = model.config
+    kind = lambda n, regression: "a regression head" if regression else f"{n} labels"  # noqa: E731
+    if c.num_labels != task.num_labels or c.is_regression != task.is_regression:
+        raise CheckpointError(f"{who} has {kind(c.num_labels, c.is_regression)} but task {task.name} has "
+                              f"{kind(task.num_labels, task.is_regression)}")
+    if c.id2label and task.label_names:
+        # An HF-trained teacher may name the same classes in another order (MNLI, original issue #229).
+        names = [str(c.id2label[i]).lower() for i in range(c.num_labels)]
+        if sorted(names) == sorted(task.label_names) and names != list(task.label_names):
+            raise CheckpointError(f"{who} orders its labels {names} but task {task.name} orders them "
+                                  f"{list(task.label_names)}; its predictions would be scored against other classes")
+
+
+def with_head(model: Bert, task: Task, who: str) -> Bert:
+    """`model` with a head for `task`: its own when it has one with the task's labels, else a newly initialised one
+    (a model whose head has another number of labels is an error). The masked-LM head is dropped."""
+    c = model.config
+    if c.num_labels:
+        _check_labels(model, task, who)
+        if model.mlm is None:
+            return model
+        config = c
+    else:
+        config = c.replace(
+            num_labels=task.num_labels,
+            problem_type="regression" if task.is_regression else "single_label_classification",
+            id2label=None if task.is_regression else dict(enumerate(task.label_names)),
+        )
+    out = Bert(config)
+    result = out.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")},
+                                 strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"classifier.weight", "classifier.bias"}
+    return out
+
+
+def export(model: Bert, directory: Path, tokenizer):
+    """Save an fp32 copy (DeepSpeed bf16 trains bf16 weights) as a Hugging Face directory."""
+    save_model(model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float(),
+               directory, tokenizer)
+
+
+class Finetuner(nn.Module):
+    """A model trained on the gold labels: {"prediction": cross-entropy, or MSE for a regression head}."""
+
+    def __init__(self, model: Bert):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits  # B, C
+        if self.model.config.is_regression:
+            return {"prediction": regression_mse(logits, batch["labels"])}
+        return {"prediction": hard_cross_entropy(logits, batch["labels"])}
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def predict(model: Bert, dataset, pad_token_id: int, batch_size: int, device: torch.device) -> Tensor:
+    """Logits (N, C) in row order, in fp32 without dropout; rows are batched by length so little is padded."""
+    model.eval()
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out = torch.empty(len(lengths), model.config.num_labels)
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        rows = dataset[indices]
+        batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
+        out[indices] = logits.float().cpu()
+    return out
+
+
+def to_predictions(logits: Tensor, task: Task) -> np.ndarray:
+    """Class ids (argmax), or the scores of a regression head."""
+    return logits[:, 0].numpy() if task.is_regression else logits.argmax(-1).numpy()
+
+
+def score(model: Bert, task: Task, dev: dict, pad_token_id: int, batch_size: int, device) -> dict[str, float]:
+    """The task's metrics on every dev split; the first split's keep their names, others get `split/` prefixed."""
+    from tinybert.metrics import compute_metrics
+
+    metrics = {}
+    for i, (split, ds) in enumerate(dev.items()):
+        predictions = to_predictions(predict(model, ds, pad_token_id, batch_size, device), task)
+        for name, value in compute_metrics(task, predictions, np.asarray(list(ds["labels"]))).items():
+            metrics[name if i == 0 else f"{split}/{name}"] = value
+    return metrics
+
+
+class Keeper:
+    """on_eval for the loop: exports `model` to output/best when the main metric improves, keeps every evaluation.
+
+    `state` travels in the checkpoints (the loop's extra_state), so a resumed run knows the best so far.
+    """
+
+    def __init__(self, model: Bert, tokenizer, output: Path, main_metric: str, stage: str, state: dict):
+        self.model, self.tokenizer, self.output, self.main, self.stage = model, tokenizer, output, main_metric, stage
+        self.state = state
+        state.setdefault("best", None)
+        state.setdefault("history", [])
+
+    def __call__(self, step: int, metrics: dict[str, float]):
+        self.state["history"].append({"stage": self.stage, "step": step, **metrics})
+        value = metrics[self.main]
+        best = self.state["best"]
+        # NaN (e.g. a correlation of constant predictions) never beats a number.
+        if best is None or (not math.isnan(value) and (math.isnan(best[self.main]) or value > best[self.main])):
+            self.state["best"] = {"stage": self.stage, "step": step, **metrics}
+            if world()[0] == 0:
+                export(self.model, self.output / "best", self.tokenizer)
+
+
+def write_metrics(output: Path, task: Task, state: dict, last: dict):
+    record = {"task": task.name, "main_metric": task.main_metric, "best": state["best"], "last": last,
+              "history": state["history"]}
+    (output / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- teacher logits
+
+
+def cache_dir() -> Path:
+    """$TINYBERT_CACHE/logits, default ~/.cache/tinybert/logits."""
+    return Path(os.environ.get("TINYBERT_CACHE", Path.home() / ".cache" / "tinybert")).expanduser() / "logits"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def logits_key(teacher_dir: str | os.PathLike, dataset, max_seq_length: int) -> str:
+    """Names the teacher's logits on a tokenised dataset: the hashes of the teacher's weights and config.json, of the
+    token ids the teacher sees, and max_seq_length. Copies of the same teacher and data share the entry; any change
+    to the weights, the rows, the tokenizer or the length gets a new one."""
+    teacher_dir = Path(teacher_dir)
+    weights = next((teacher_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (teacher_dir / n).is_file()))
+    tokens = pickle.dumps((list(dataset["input_ids"]), list(dataset["token_type_ids"])), protocol=4)
+    parts = [_LOGITS_FORMAT, _file_digest(weights), _file_digest(teacher_dir / "config.json"),
+             hashlib.sha256(tokens).hexdigest(), str(max_seq_length)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int, pad_token_id: int,
+                   batch_size: int, device, echo=print) -> tuple[Tensor, dict]:
+    """The teacher's fp32 logits (N, C) on `dataset`, computed once and then read from the cache: stage 2 feeds them
+    in the batch, so it runs no teacher forward, in any epoch or any later run on the same teacher and data.
+
+    Returns the logits and a log record (cache hit or miss, teacher_forwards = teacher batches run).
+    """
+    path = cache_dir() / f"{logits_key(teacher_dir, dataset, max_seq_length)}.pt"
+    if path.is_file():
+        logits = torch.load(path, map_location="cpu", weights_only=True)
+        if logits.shape == (len(dataset), teacher.config.num_labels):
+            echo(f"teacher logits: cache hit {path} ({len(dataset)} rows, no teacher forward)")
+            return logits, {"cache": "hit", "path": str(path), "rows": len(dataset), "teacher_forwards": 0}
+    started = time.perf_counter()
+    teacher.to(device)
+    logits = predict(teacher, dataset, pad_token_id, batch_size, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    torch.save(logits, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent or interrupted run never reads half a file
+    forwards = math.ceil(len(dataset) / batch_size)
+    echo(f"teacher logits: computed for {len(dataset)} rows in {time.perf_counter() - started:.1f} s, "
+         f"cached in {path}")
+    return logits, {"cache": "miss", "path": str(path), "rows": len(dataset), "teacher_forwards": forwards}
+
+
+# ------------------------------------------------------------------------------------------------ run directories
+
+
+FINETUNE_FILES = ("checkpoints", "log.jsonl", "tensorboard", "best", "last", "metrics.json", "recipe.yaml")
+TASK_FILES = ("stage1", "stage2", "best", "last", "metrics.json", "recipe.yaml")
+
+
+def prepare_run(output: Path, names: tuple[str, ...], *, resume: bool, overwrite: bool):
+    """Refuse to mix two runs in one directory; with --overwrite, clear the previous run's files (only those)."""
+    holds_run = output.is_dir() and any((output / name).exists() for name in names)
+    if resume:
+        if not holds_run:
+            raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
+        return
+    if holds_run and not overwrite:
+        raise TrainingError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace "
+                            f"it, or choose another --output")
+    if holds_run and world()[0] == 0:
+        for name in names:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _micro(recipe: Recipe) -> int:
+    micro = recipe.batch_size // (recipe.grad_accum * world()[1])
+    if micro == 0:
+        raise TrainingError(f"batch_size {recipe.batch_size} is smaller than grad_accum x processes")
+    return micro
+
+
+def count_steps(dataset, recipe: Recipe) -> int:
+    """Optimizer steps a stage on `dataset` runs (the loop's own count)."""
+    plan = make_plan(dataset, _micro(recipe), recipe.seed)
+    return total_steps(Stage("count", None, {}, dataset, plan, collate), recipe)
+
+
+def describe_stage(name: str, recipe: Recipe, source: dict[str, str], steps: int, rows: int, loss: str) -> str:
+    """One line per stage with the settings it runs with, and where the task-dependent ones came from."""
+    where = lambda key: f" ({source[key]})" if key in source else ""  # noqa: E731
+    return (f"{name}: {recipe.epochs:g} epochs{where('epochs')}, max_seq_length {recipe.max_seq_length}"
+            f"{where('max_seq_length')}, batch {recipe.batch_size}, lr {recipe.learning_rate:g} {recipe.scheduler}, "
+            f"warmup {int(recipe.warmup_ratio * steps)} steps; {steps} steps on {rows} rows; loss {loss}")
+
+
+# ------------------------------------------------------------------------------------------------------ fine-tuning
+
+
+def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, tokenizer: str | None = None,
+                 resume: bool = False, overwrite: bool = False, dry_run: bool = False, progress: bool = True,
+                 echo=print) -> Path | None:
+    """Fine-tune `model` (a directory or a preset) on the task's gold labels; returns output/best."""
+    output = Path(output)
+    rank, _ = world()
+    task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
+    recipe, source = for_task(recipe, task)
+    seed_everything(recipe.seed)
+    if tokenizer is None and str(model) in PRESETS and not Path(model).exists():
+        raise CheckpointError(f"{model} is a preset with no tokenizer; pass --tokenizer DIR (the teacher's)")
+    bert = load_model(model)
+    tok = load_tokenizer(tokenizer or model, vocab_size=bert.config.vocab_size)
+    bert = with_head(bert, task, f"model {model}")
+    tokenized = tokenize(datasets.DatasetDict(raw), tok, recipe.max_seq_length)
+    train_set = tokenized["train"]
+    dev = {s: ds for s, ds in tokenized.items() if s != "train"}
+    micro, device = _micro(recipe), default_device()
+    pad = tok.pad_token_id
+    state = {}  # best and history; travels in the checkpoints
+    keeper = Keeper(bert, tok, output, task.main_metric, "finetune", state)
+    stage = Stage(
+        name="finetune", module=Finetuner(bert), weights={"prediction": 1.0}, dataset=train_set,
+        plan=make_plan(train_set, micro, recipe.seed), collate=lambda rows: collate_batch(rows, pad),
+        evaluate=lambda module: score(module.model, task, dev, pad, micro * 2, device), on_eval=keeper,
+    )
+    steps = total_steps(stage, recipe)
+    loss = "MSE to the gold scores" if task.is_regression else "cross-entropy to the gold labels"
+    echo(describe_stage("finetune", recipe, source, steps, len(train_set), loss))
+    if dry_run:
+        return None
+
+    prepare_run(output, FINETUNE_FILES, resume=resume, overwrite=overwrite)
+    latest = checkpoints(output)[-1] if resume and checkpoints(output) else None
+    if resume and latest is None:
+        raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; pass --overwrite to start again")
+    stage.module.to(device)
+    engine = build_engine(stage.module, recipe, steps, device)
+    resumed = load_checkpoint(engine, latest) if latest else None
+    if resumed:
+        state.update(copy.deepcopy(resumed["tracker"]))
+        echo(f"resuming from {latest} (step {resumed['step']} of {steps})")
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(yaml.safe_dump(
+            {**recipe.to_dict(), "model": str(model), "task": task.name}, sort_keys=False))
+    train(stage, engine, recipe, output, steps, resume=resumed, extra_state={"tracker": state}, progress=progress)
+    if rank == 0:
+        export(bert, output / "last", tok)
+        write_metrics(output, task, state, state["history"][-1] if state["history"] else None)
+        best = state["best"]
+        echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at step {best['step']}: {output / 'best'}; "
+             f"last: {output / 'last'}")
+    return output / "best"
+
+
+# ------------------------------------------------------------------------------------------------ task distillation
+
+
+def _prediction_mode(recipe: Recipe, task: Task, echo) -> str:
+    mode = recipe.prediction
+    if task.is_regression and mode == "soft":
+        echo(f"stage2: task {task.name} is a regression; prediction=soft is read as mse (MSE to the gold scores, "
+             f"as the original); prediction=mse_teacher regresses to the teacher's scores")
+        return "mse"
+    if task.is_regression and mode == "hard":
+        raise RecipeError(f"prediction=hard needs classes but task {task.name} is a regression; use mse or "
+                          f"mse_teacher")
+    if not task.is_regression and mode == "mse":
+        raise RecipeError(f"prediction=mse regresses to gold scores but task {task.name} has classes; use soft, "
+                          f"hard or mse_teacher")
+    return mode
+
+
+def _same_vocabulary(student: str, teacher_tokenizer):
+    """A student directory with its own tokenizer must share the teacher's token ids, not only their number."""
+    path = Path(student)
+    if not path.is_dir() or not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        return
+    if load_tokenizer(path).get_vocab() != teacher_tokenizer.get_vocab():
+        raise CheckpointError(f"student {student} has another vocabulary than the teacher (same size, other tokens); "
+                              f"task distillation needs the teacher's tokenizer for both")
+
+
+def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, output: Path, resume: bool = False,
+             overwrite: bool = False, dry_run: bool = False, progress: bool = True, echo=print) -> Path | None:
+    """Task distillation of `teacher` (fine-tuned on the task) into `student`: stage 1 then stage 2.
+    Returns output/best (the student by the task's main metric in stage 2)."""
+    from tinybert.general import build_student
+
+    output = Path(output)
+    rank, _ = world()
+    task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
+    (r1, source1), (r2, source2) = for_task(recipe.stage("stage1"), task), for_task(recipe.stage("stage2"), task)
+    prediction = _prediction_mode(r2, task, echo)
+    seed_everything(recipe.seed)
+    teacher_model = load_model(teacher)
+    check_head(teacher_model, task, f"teacher {teacher}")
+    tok = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
+    student_model = with_head(build_student(student, teacher_model), task, f"student {student}")
+    _same_vocabulary(student, tok)
+
+    def terms_of(r: Recipe) -> dict[str, float]:
+        return {name: weight for name, weight in r.terms.items() if weight}
+
+    terms1, terms2 = terms_of(r1), terms_of(r2)
+    if not terms1 or not terms2:
+        raise RecipeError("each stage needs at least one loss term with a non-zero weight (stage1.terms, "
+                          "stage2.terms)")
+    device, pad = default_device(), tok.pad_token_id
+    sets = {n: tokenize(datasets.DatasetDict(raw), tok, r.max_seq_length) for n, r in (("stage1", r1), ("stage2", r2))}
+    dev1 = {s: ds for s, ds in sets["stage1"].items() if s != "train"}
+    dev2 = {s: ds for s, ds in sets["stage2"].items() if s != "train"}
+
+    def distiller(model: Bert, r: Recipe, terms: dict) -> Distiller:
+        return Distiller(teacher_model, model, r.layer_map, terms=tuple(terms), attention_mode=r.attention_mode,
+                         prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
+                         shared_projection=r.shared_projection)
+
+    # Stage 1 is scored by its loss terms on the first dev split: the head is not trained yet.
+    first_dev = next(iter(dev1.values()))
+    eval_batches = [list(range(i, min(i + _micro(r1), len(first_dev)))) for i in range(0, len(first_dev), _micro(r1))]
+    stage1 = Stage(
+        name="stage1", module=distiller(student_model, r1, terms1), weights=terms1, dataset=sets["stage1"]["train"],
+        plan=make_plan(sets["stage1"]["train"], _micro(r1), r1.seed), collate=lambda rows: collate_batch(rows, pad),
+        evaluate=lambda module: average_terms(module, first_dev, eval_batches, lambda rows: collate_batch(rows, pad),
+                                              device, r1.precision, terms1),
+    )
+    steps1, steps2 = total_steps(stage1, r1), count_steps(sets["stage2"]["train"], r2)
+    rows = f"{len(raw['train'])} train rows" + (f" from {data.augmented}" if data.augmented else "")
+    dev_rows = ", ".join(f"{s} {len(ds)}" for s, ds in dev2.items())
+    echo(f"task {task.name}: {rows}; dev: {dev_rows}; main metric {task.main_metric}")
+    echo(f"layer map (student state <- teacher state, 0 = embeddings): {stage1.module.layer_map}")
+    echo(describe_stage("stage1", r1, source1, steps1, len(raw["train"]), " + ".join(terms1)))
+    echo(describe_stage("stage2", r2, source2, steps2, len(raw["train"]), " + ".join(terms2) + f" ({prediction})"))
+    if dry_run:
+        return None
+
+    prepare_run(output, TASK_FILES, resume=resume, overwrite=overwrite)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(yaml.safe_dump(
+            {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction}, "teacher": str(teacher),
+             "student": str(student), "task": task.name, "augmented": data.augmented}, sort_keys=False))
+    student_dir = output / "stage1" / "student"
+
+    # Teacher logits first: before stage 1 may cast the teacher to bf16 for DeepSpeed.
+    needs_logits = "prediction" in terms2 and prediction in ("soft", "mse_teacher")
+    train2 = sets["stage2"]["train"]
+    if needs_logits:
+        logits, record = teacher_logits(teacher_model, teacher, train2, r2.max_seq_length, pad, 2 * _micro(r2),
+                                        device, echo)
+        train2 = train2.add_column("teacher_logits", logits.tolist())
+        if rank == 0:
+            (output / "stage2").mkdir(parents=True, exist_ok=True)
+            with (output / "stage2" / "log.jsonl").open("a") as f:
+                f.write(json.dumps({"stage": "stage2", "kind": "teacher_logits", "step": 0, **record}) + "\n")
+
+    # Stage 1: intermediate layers. Finished when stage1/student exists; resumed from its last checkpoint otherwise.
+    teacher_model.to(device)
+    if not (student_dir / "config.json").is_file():
+        latest = checkpoints(output / "stage1")[-1] if resume and checkpoints(output / "stage1") else None
+        if steps1:
+            if r1.deepspeed is not None and r1.precision == "bf16":
+                teacher_model.to(torch.bfloat16)
+            stage1.module.to(device)
+            engine = build_engine(stage1.module, r1, steps1, device)
+            resumed = load_checkpoint(engine, latest) if latest else None
+            if resumed:
+                echo(f"resuming stage 1 from {latest} (step {resumed['step']} of {steps1})")
+            train(stage1, engine, r1, output / "stage1", steps1, resume=resumed, progress=progress)
+        else:
+            echo("stage1: 0 epochs, skipped")
+        if rank == 0:
+            export(student_model, student_dir, tok)
+    elif not checkpoints(output / "stage2"):
+        echo(f"stage 1 finished earlier ({student_dir}); starting stage 2")
+
+    # Stage 2: the prediction layer, from the stage-1 student on disk (the same whether or not stage 1 ran now).
+    seed_everything(r2.seed)
+    student2 = load_model(student_dir)
+    teacher_model.float()
+    state = {}
+    keeper = Keeper(student2, tok, output, task.main_metric, "stage2", state)
+    stage2 = Stage(
+        name="stage2", module=distiller(student2, r2, terms2), weights=terms2, dataset=train2,
+        plan=make_plan(train2, _micro(r2), r2.seed), collate=lambda rows: collate_batch(rows, pad),
+        evaluate=lambda module: score(module.student, task, dev2, pad, 2 * _micro(r2), device), on_eval=keeper,
+    )
+    latest = checkpoints(output / "stage2")[-1] if resume and checkpoints(output / "stage2") else None
+    if r2.deepspeed is not None and r2.precision == "bf16":
+        teacher_model.to(torch.bfloat16)
+    stage2.module.to(device)
+    engine = build_engine(stage2.module, r2, steps2, device)
+    resumed = load_checkpoint(engine, latest) if latest else None
+    if resumed:
+        state.update(copy.deepcopy(resumed["tracker"]))
+        echo(f"resuming stage 2 from {latest} (step {resumed['step']} of {steps2})")
+    train(stage2, engine, r2, output / "stage2", steps2, resume=resumed, extra_state={"tracker": state},
+          progress=progress)
+    if rank == 0:
+        export(student2, output / "last", tok)
+        write_metrics(output, task, state, state["history"][-1] if state["history"] else None)
+        best = state["best"]
+        echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at stage-2 step {best['step']}: "
+             f"{output / 'best'}; last: {output / 'last'}")
+    return output / "best"
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+
+
+GLUE_FILE_NAMES = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
+
+
+def run_eval(data: TaskData, model: str, *, split: str = "dev", max_seq_length: int | None = None,
+             batch_size: int = 64, max_examples: int = 0, predictions: Path | None = None,
+             submission_dir: Path | None = None) -> dict:
+    """Score `model` on the task's dev splits, or predict its test splits and write GLUE submission files.
+
+    Returns {"model", "task", "split", "results": {split: {"examples": N, metric: value, ...}}}; for test splits the
+    results hold the submission file instead of metrics. predictions: a TSV of split, idx, prediction, label.
+    """
+    from tinybert.metrics import compute_metrics
+
+    if split not in ("dev", "test"):
+        raise DataError(f"--split {split!r}: use dev or test")
+    task, raw = data.load((split,), max_eval=max_examples)
+    bert = load_model(model)
+    check_head(bert, task, f"model {model}")
+    tok = load_tokenizer(model, vocab_size=bert.config.vocab_size)
+    device = default_device()
+    bert.to(device)
+    tokenized = tokenize(datasets.DatasetDict(raw), tok, max_seq_length or task.max_seq_length)
+    results, lines = {}, []
+    for name, ds in tokenized.items():
+        preds = to_predictions(predict(bert, ds, tok.pad_token_id, batch_size, device), task)
+        labels = np.asarray(list(ds["labels"]))
+        if split == "dev":
+            results[name] = {"examples": len(ds), **compute_metrics(task, preds, labels)}
+        else:
+            file = (submission_dir or Path("submission")) / f"{GLUE_FILE_NAMES.get(name, task.glue_dir)}.tsv"
+            results[name] = {"examples": len(ds), "submission": str(write_submission(task, preds, file, ds["idx"]))}
+        gold = labels if split == "dev" else [""] * len(ds)
+        lines += [f"{name}\t{i}\t{p}\t{label}" for i, p, label in zip(ds["idx"], preds, gold)]
+    if predictions is not None:
+        predictions = Path(predictions)
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        predictions.write_text("split\tidx\tprediction\tlabel\n" + "".join(line + "\n" for line in lines))
+    return {"model": str(model), "task": task.name, "split": split, "results": results}
+
+
+def format_results(report: dict) -> str:
+    """The metrics table `tinybert eval` prints."""
+    rows = list(report["results"].items())
+    keys = [k for k in rows[0][1] if k != "examples"]
+    header = ["task", "split", "examples", *keys]
+    table = [[report["task"], name, str(r["examples"]),
+              *[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys]] for name, r in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *table)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *table])
