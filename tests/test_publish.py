@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +22,9 @@ import yaml
 from huggingface_hub import ModelCard
 
 from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.bench import benchmark, compare, machine
 from tinybert.model import Bert, BertConfig
-from tinybert.publish import PushError, model_card, push
+from tinybert.publish import PushError, model_card, push, read_bench
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -143,40 +145,66 @@ def hub():
 # ---------------------------------------------------------------------------------------------------- a model
 
 
+def _log(path: Path, records: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, minilm_dir) -> Path:
-    """A task-distillation run directory as the training loop leaves it: recipe.yaml, log.jsonl, metrics.json and
-    the exported student (a tiny classifier with the MiniLM tokenizer) in RUN/student; plus a bench JSON."""
-    run = tmp_path_factory.mktemp("runs") / "tinybert-sst2"
+    """Run directories laid out as tinybert's commands leave them, with tiny models and the MiniLM tokenizer:
+    runs/general (general distillation: recipe.yaml, log.jsonl, student/) and runs/tinybert-sst2 (task distillation
+    from runs/general/student: recipe.yaml with one recipe per stage, stage1/log.jsonl, stage1/student/,
+    stage2/log.jsonl, best/, last/, metrics.json), plus a bench JSON. Returns the task run."""
+    runs = tmp_path_factory.mktemp("runs")
+    general, run = runs / "general", runs / "tinybert-sst2"
     tokenizer = load_tokenizer(minilm_dir)
-    config = BertConfig.preset("tinybert-4l-312d", vocab_size=len(tokenizer), num_labels=2,
-                               id2label={0: "negative", 1: "positive"}, problem_type="single_label_classification",
-                               **SMALL)
+    bare = BertConfig.preset("tinybert-4l-312d", vocab_size=len(tokenizer), **SMALL)
     torch.manual_seed(0)
-    save_model(Bert(config), run / "student", tokenizer)
-    recipe = {"recipe": "task", "seed": 42, "max_seq_length": 64, "batch_size": 32, "learning_rate": 5e-5,
-              "scheduler": "linear", "warmup_ratio": 0.1, "precision": "bf16", "layer_map": [0, 6, 12],
-              "terms": {"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "prediction": 1.0},
-              "attention_mode": "masked", "shared_projection": False, "prediction": "soft", "temperature": 2.0,
-              "soft_mode": "original", "teacher": TEACHER, "student": "runs/general/student", "task": "sst2",
-              "augment": "runs/sst2-augmented.tsv"}
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    records = []
-    for step in range(1, 7):
-        records.append({"stage": "stage1", "kind": "train", "step": step, "epoch": 0, "loss": 30.0 - step,
-                        "embedding": 0.5, "hidden": 2.0, "attention": 27.5 - step, "lr": 5e-5, "grad_norm": 1.0,
-                        "tokens_per_s": 1000.0})
-    for step in range(1, 5):
-        records.append({"stage": "stage2", "kind": "train", "step": step, "epoch": 0, "loss": 0.7 - 0.1 * step,
-                        "prediction": 0.7 - 0.1 * step, "lr": 3e-5, "grad_norm": 0.5, "tokens_per_s": 2000.0})
-    records.append({"stage": "stage2", "kind": "eval", "step": 4, "epoch": 0, "accuracy": 0.8875, "loss": 0.31})
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run / "metrics.json").write_text(json.dumps({"task": "sst2", "split": "validation",
-                                                  "metrics": {"accuracy": 0.8875}}))
-    (run / "bench.json").write_text(json.dumps({
-        "model": {"name": "tinybert-sst2", "p50_ms": 2.5, "p95_ms": 3.1, "throughput": 900.0},
-        "vs": {"name": TEACHER, "p50_ms": 23.0, "p95_ms": 25.0, "throughput": 95.0, "params": 109_483_778},
-        "speedup": 9.2, "device": "cpu", "batch_size": 1, "seq_len": 128}))
+    save_model(Bert(bare), general / "student", tokenizer)
+    (general / "recipe.yaml").write_text(yaml.safe_dump(
+        {"recipe": "general", "batch_size": 256, "max_seq_length": 128, "learning_rate": 5e-5, "layer_map": "uniform",
+         "terms": {"embedding": 1.0, "hidden": 1.0, "attention": 1.0}, "attention_mode": "masked",
+         "teacher": "google-bert/bert-base-uncased", "student": None, "corpus": ["wikitext", "books/"]}))
+    _log(general / "log.jsonl", [{"stage": "general", "kind": "train", "step": s, "epoch": 0, "loss": 9.0 / s,
+                                  "embedding": 1.0 / s, "hidden": 4.0 / s, "attention": 4.0 / s, "lr": 5e-5}
+                                 for s in range(1, 4)])
+
+    head = bare.replace(num_labels=2, id2label={0: "negative", 1: "positive"},
+                        problem_type="single_label_classification")
+    save_model(Bert(bare), run / "stage1" / "student", tokenizer)
+    torch.manual_seed(1)
+    save_model(Bert(head), run / "best", tokenizer)
+    save_model(Bert(head), run / "last", tokenizer)
+    stage = {"recipe": "task", "seed": 42, "max_seq_length": 64, "batch_size": 32, "learning_rate": 5e-5,
+             "scheduler": "linear", "warmup_ratio": 0.1, "precision": "bf16", "layer_map": [0, 6, 12],
+             "attention_mode": "masked", "shared_projection": False, "temperature": 1.0, "soft_mode": "original"}
+    (run / "recipe.yaml").write_text(yaml.safe_dump({
+        "stage1": {**stage, "terms": {"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "prediction": 0.0}},
+        "stage2": {**stage, "learning_rate": 3e-5, "temperature": 2.0, "prediction": "soft",
+                   "terms": {"embedding": 0.0, "hidden": 0.0, "attention": 0.0, "prediction": 1.0}},
+        "teacher": TEACHER, "student": str(general / "student"), "task": "sst2",
+        "augmented": "runs/sst2-augmented.tsv"}, sort_keys=False))
+    _log(run / "stage1" / "log.jsonl",
+         [{"stage": "stage1", "kind": "train", "step": s, "epoch": 0, "loss": 30.0 - s, "embedding": 0.5,
+           "hidden": 2.0, "attention": 27.5 - s, "lr": 5e-5, "grad_norm": 1.0, "tokens_per_s": 1000.0}
+          for s in range(1, 7)])
+    evals = [{"stage": "stage2", "step": 2, "accuracy": 0.8875}, {"stage": "stage2", "step": 4, "accuracy": 0.875}]
+    _log(run / "stage2" / "log.jsonl",
+         [{"stage": "stage2", "kind": "teacher_logits", "step": 0, "rows": 64, "seconds": 1.0}]
+         + [{"stage": "stage2", "kind": "train", "step": s, "epoch": 0, "loss": 0.7 - 0.1 * s,
+             "prediction": 0.7 - 0.1 * s, "lr": 3e-5, "grad_norm": 0.5, "tokens_per_s": 2000.0} for s in range(1, 5)]
+         + [{"kind": "eval", "epoch": 0, **e} for e in evals])
+    (run / "metrics.json").write_text(json.dumps({"task": "sst2", "main_metric": "accuracy", "best": evals[0],
+                                                  "last": evals[1], "history": evals}))
+    # The speed figures as `tinybert bench MODEL --vs TEACHER` writes them (a small stand-in teacher).
+    torch.manual_seed(2)
+    save_model(Bert(BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                               intermediate_size=256)), runs / "teacher", tokenizer)
+    quick = dict(seq_len=16, throughput_batch=4, latency_repeats=3, throughput_repeats=1)
+    model, vs = benchmark(run / "best", **quick), benchmark(runs / "teacher", **quick)
+    (run / "bench.json").write_text(json.dumps({"model": model, "vs": vs, "speedup": compare(model, vs),
+                                                "machine": machine()}, default=str))  # run_bench's layout
     return run
 
 
@@ -209,7 +237,7 @@ def online_env(tmp_path) -> dict:
 
 
 def test_model_card_metadata_carries_the_runs_figures(run):
-    text = model_card(run / "student", bench=run / "bench.json")
+    text = model_card(run / "best", bench=run / "bench.json")
     data = ModelCard(text).data
     assert data.license == "apache-2.0"
     assert data.base_model == TEACHER
@@ -223,39 +251,68 @@ def test_model_card_metadata_carries_the_runs_figures(run):
     assert (result.metric_type, result.metric_value) == ("accuracy", 0.8875)
 
     body = text.split("\n---\n", 1)[1]
-    for expected in ("Task distillation, stage 1", "Task distillation, stage 2", "`[0, 6, 12]`", "temperature 2",
-                     "mode `masked`", "`runs/sst2-augmented.tsv`", "| SST-2 | validation | Accuracy | 0.8875 |",
-                     "**9.20x**", "| 23 | 25 | 95 |", "AutoModelForSequenceClassification", TEACHER):
+    # Lineage: the general run behind the task run's student, then both task stages, each with its own recipe.
+    general, stage1, stage2 = (body.index(f"### {title}") for title in (
+        "General distillation", "Task distillation, stage 1", "Task distillation, stage 2"))
+    assert general < stage1 < stage2 < body.index("## Evaluation")
+    assert "[`google-bert/bert-base-uncased`]" in body[general:stage1] and "`wikitext`" in body[general:stage1]
+    assert "loss terms (weight): embedding 1, hidden 1, attention 1\n" in body[stage1:stage2]
+    assert "`[0, 6, 12]`" in body[stage1:stage2] and "learning rate 5e-05" in body[stage1:stage2]
+    assert "loss terms (weight): prediction 1\n" in body[stage2:] and "temperature 2," in body[stage2:]
+    assert "learning rate 3e-05" in body[stage2:] and "last held-out evaluation (step 4): accuracy 0.875" in body
+    for expected in ("mode `masked`", "augmented: `runs/sst2-augmented.tsv`", "Scores of the best checkpoint "
+                     "(stage2 step 2)", "| SST-2 | validation | Accuracy | 0.8875 |", "AutoModelForSequenceClassification",
+                     TEACHER, "Measured with `tinybert bench`: device cpu"):
         assert expected in body, expected
-    n = load_model(run / "student").num_parameters()["total"]
-    assert f"| this model | {n / 1e6:.1f}M | 2.5 | 3.1 | 900 |" in body
-    assert f"{109_483_778 / n:.1f}x fewer parameters than the teacher" in body
+    last = ModelCard(model_card(run / "last")).data.eval_results[0]  # last/ is scored by metrics.json's "last"
+    assert last.metric_value == 0.875
+    bench = json.loads((run / "bench.json").read_text())
+    model, vs, speedup = bench["model"], bench["vs"], bench["speedup"]
+    n = load_model(run / "best").num_parameters()["total"]
+    assert (f"| this model | {n / 1e6:.1f}M | {model['latency_ms_p50']:.4g} | {model['latency_ms_p95']:.4g} | "
+            f"{model['throughput_seq_per_s']:.4g} |") in body
+    assert f"| {vs['latency_ms_p50']:.4g} | {vs['latency_ms_p95']:.4g} | {vs['throughput_seq_per_s']:.4g} |" in body
+    assert (f"**{speedup['latency_speedup']:.2f}x** lower p50 latency (batch 1), "
+            f"**{speedup['throughput_speedup']:.2f}x** higher throughput") in body
+    assert f"{vs['parameters'] / n:.1f}x fewer parameters than `{vs['model']}`" in body
+
+
+def test_read_bench_takes_a_short_hand_written_form():
+    bench = read_bench({"model": {"p50_ms": 2.5, "throughput": 900}, "vs": {"p50_ms": 23.0, "throughput": 90},
+                        "speedup": 9.2, "device": "cpu"})
+    assert bench["speedup"] == {"latency": 9.2, "throughput": 10.0}
+    assert bench["model"]["p50"] == 2.5 and bench["setting"] == {"device": "cpu"}
+    with pytest.raises(ValueError, match="mapping with 'model'"):
+        read_bench({"speedup": 2})
 
 
 def test_model_card_usage_snippet_runs_on_the_exported_files(run):
     """The card's Python block, pointed at the local directory, loads the model with plain transformers."""
-    text = model_card(run / "student", repo_id="me/tinybert-sst2")
+    text = model_card(run / "best", repo_id="me/tinybert-sst2")
     (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
     assert 'from_pretrained("me/tinybert-sst2")' in snippet
-    printed = subprocess.run([sys.executable, "-c", snippet.replace("me/tinybert-sst2", str(run / "student"))],
+    printed = subprocess.run([sys.executable, "-c", snippet.replace("me/tinybert-sst2", str(run / "best"))],
                              capture_output=True, text=True, timeout=120,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.strip() in ("['negative']", "['positive']")
 
 
-def test_model_card_bare_student_local_teacher_and_license(tmp_path, minilm_dir):
+def test_model_card_bare_student_local_teacher_and_license(run, tmp_path, minilm_dir):
     tokenizer = load_tokenizer(minilm_dir)
     save_model(Bert(BertConfig(vocab_size=len(tokenizer), **SMALL)), tmp_path / "general" / "student", tokenizer)
     (tmp_path / "general" / "recipe.yaml").write_text(yaml.safe_dump(
         {"recipe": "general", "teacher": str(minilm_dir), "corpus": ["wikitext", "books/"], "layer_map": "uniform",
          "terms": {"embedding": 1.0, "hidden": 1.0, "attention": 1.0}}))
+    shutil.copy(run / "bench.json", tmp_path / "general" / "student")  # where `tinybert bench MODEL` writes
     text = model_card(tmp_path / "general" / "student", license="mit")
     data = ModelCard(text).data
     assert data.license == "mit" and data.base_model is None  # a local path is no Hub id
     assert "text-classification" not in data.tags and data.pipeline_tag == "feature-extraction"
     assert data.eval_results is None and "model-index" not in text
     assert "AutoModel.from_pretrained" in text and "General distillation" in text and "`wikitext`" in text
+    assert "`[0, 3, 6]`" in text  # `uniform`, resolved with the local 6-layer teacher
+    assert "Measured with `tinybert bench`" in text and "lower p50 latency" in text
     named = ModelCard(model_card(tmp_path / "general" / "student", base_model="sentence-transformers/all-MiniLM-L6-v2"))
     assert named.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -264,8 +321,8 @@ def test_model_card_bare_student_local_teacher_and_license(tmp_path, minilm_dir)
 
 
 def test_push_cli_uploads_model_and_card_and_never_leaks_the_token(run, hub, online_env, tmp_path):
-    before = _snapshot(run)
-    result = tinybert("push", run / "student", "--repo-id", "me/tinybert-sst2", "--endpoint", hub.endpoint,
+    before = _snapshot(run.parent)
+    result = tinybert("push", run / "best", "--repo-id", "me/tinybert-sst2", "--endpoint", hub.endpoint,
                       "--private", "--revision", "exp", "--commit-message", "first student",
                       "--bench", run / "bench.json", env=online_env)
     assert result.returncode == 0, result.stderr
@@ -279,10 +336,10 @@ def test_push_cli_uploads_model_and_card_and_never_leaks_the_token(run, hub, onl
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(files)
     for name in files:
         if name != "README.md":
-            assert files[name] == (run / "student" / name).read_bytes(), name
+            assert files[name] == (run / "best" / name).read_bytes(), name
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == TEACHER and card.data.eval_results[0].metric_value == 0.8875
-    assert "**9.20x**" in card.text and "`[0, 6, 12]`" in card.text
+    assert "lower p50 latency" in card.text and "`[0, 6, 12]`" in card.text
     assert 'from_pretrained("me/tinybert-sst2")' in card.text
     assert not hub.unknown
 
@@ -292,7 +349,7 @@ def test_push_cli_uploads_model_and_card_and_never_leaks_the_token(run, hub, onl
     assert not [n for n, data in files.items() if TOKEN.encode() in data]
     assert not [b for _, _, _, b in hub.requests if TOKEN.encode() in b]
     assert not _files_containing(tmp_path, TOKEN) and not _files_containing(run, TOKEN)
-    assert _snapshot(run) == before  # the local directory is not written to
+    assert _snapshot(run.parent) == before  # the local directory is not written to
 
 
 def test_push_api_to_an_existing_repo_on_main(run, hub, monkeypatch):
@@ -302,11 +359,26 @@ def test_push_api_to_an_existing_repo_on_main(run, hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub.repos["me/again"] = {"spec": {}, "branches": {"main": {"old.txt": b"old"}}, "commits": []}
-    url = push(run / "student", "me/again", token=TOKEN, endpoint=hub.endpoint)
+    url = push(run / "best", "me/again", token=TOKEN, endpoint=hub.endpoint)
     assert url.startswith(f"{hub.endpoint}/me/again/commit/")
     files = hub.repos["me/again"]["branches"]["main"]
     assert {"old.txt", "model.safetensors", "README.md"} <= set(files)
-    assert hub.repos["me/again"]["commits"][0]["summary"] == "Upload student with tinybert"
+    assert hub.repos["me/again"]["commits"][0]["summary"] == "Upload tinybert-sst2/best with tinybert"
+
+
+def test_push_errors_hold_no_token(run, hub, monkeypatch):
+    """A refused token and offline mode end in a PushError; the token the server refused is not in its message."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PushError, match="HF_HUB_OFFLINE is set"):
+        push(run / "best", "me/x", token=TOKEN, endpoint=hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    wrong = "hf_wrongToken0123456789"
+    with pytest.raises(PushError, match=r"refused to create the repository \(HTTP 401\): the token was refused") as e:
+        push(run / "best", "me/x", token=wrong, endpoint=hub.endpoint)
+    assert wrong not in str(e.value) and "\n" not in str(e.value)
+    assert not hub.repos
 
 
 def _one_line_error(result) -> str:
@@ -325,7 +397,7 @@ def _closed_port() -> int:
 
 @pytest.mark.parametrize("case", ["not-a-model", "bad-repo-id", "no-token", "unreachable"])
 def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, online_env, tmp_path):
-    model, repo_id, endpoint, env = run / "student", "me/tinybert-sst2", hub.endpoint, online_env
+    model, repo_id, endpoint, env = run / "best", "me/tinybert-sst2", hub.endpoint, online_env
     expected = {"not-a-model": "is not an exported model", "bad-repo-id": "repo id 'me/bad name!' is not valid",
                 "no-token": "no Hugging Face token", "unreachable": "cannot reach http://127.0.0.1:"}[case]
     if case == "not-a-model":
@@ -338,11 +410,11 @@ def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, o
         env = {k: v for k, v in env.items() if k != "HF_TOKEN"}
     else:
         endpoint = f"http://127.0.0.1:{_closed_port()}"
-    before = _snapshot(run, tmp_path)
+    before = _snapshot(run.parent, tmp_path)
     result = tinybert("push", model, "--repo-id", repo_id, "--endpoint", endpoint, env=env)
     line = _one_line_error(result)
     assert expected in line, line
     if case == "unreachable":
         assert endpoint in line
-    assert _snapshot(run, tmp_path) == before
+    assert _snapshot(run.parent, tmp_path) == before
     assert not hub.repos  # nothing reached the hub

@@ -71,10 +71,15 @@ def test_report_on_a_real_run(real_run):
     assert f"| embedding | {first['embedding']:.4g} |" in report
 
 
-def test_report_two_stages_long_log_and_out(tmp_path):
+def test_report_task_distillation_layout_long_log_and_out(tmp_path):
+    """A task distillation keeps one log per stage (stage1/log.jsonl, stage2/log.jsonl, the latter opening with a
+    teacher_logits record) and one recipe per stage in recipe.yaml."""
     run = tmp_path / "task"
     run.mkdir()
-    records = []
+    (run / "recipe.yaml").write_text("stage1:\n  layer_map: [0, 6, 12]\n  batch_size: 32\n"
+                                     "stage2:\n  terms: {prediction: 1.0}\n  temperature: 2.0\n"
+                                     "teacher: my/teacher\ntask: sst2\n")
+    records = [{"stage": "stage2", "kind": "teacher_logits", "step": 0, "rows": 100}]
     for step in range(1, 301):  # a noisy decay over two decades: smoothed, log scale
         noise = 1 + 0.2 * math.sin(step * 1.7)
         records.append({"stage": "stage1", "kind": "train", "step": step, "epoch": step // 100,
@@ -90,7 +95,10 @@ def test_report_two_stages_long_log_and_out(tmp_path):
         if step % 10 == 0:
             records.append({"stage": "stage2", "kind": "eval", "step": step, "epoch": 0,
                             "accuracy": 0.5 + step / 100, "f1": 0.4 + step / 100})
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"stage": "sta')  # cut short
+    for stage in ("stage1", "stage2"):
+        (run / stage).mkdir()
+        (run / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["stage"] == stage)
+                                               + '{"stage": "sta')  # a run killed mid-write
 
     path = write_report(run, tmp_path / "out")
     assert path == tmp_path / "out" / "report.md" and not (run / "report").exists()
@@ -101,6 +109,8 @@ def test_report_two_stages_long_log_and_out(tmp_path):
     assert "| grad_norm" not in report  # never logged as a number: not plotted, not tabled
     assert "| accuracy | 0.9 |" in report and "| f1 | 0.8 |" in report
     assert re.search(r"^\| prediction \| 1 \| 0.025 \| 0.025 \(40\) \| 1 \(1\) \|", report, re.M)
+    assert "- teacher: `my/teacher`" in report and "- stage1:\n  - layer_map: `[0, 6, 12]`" in report
+    assert "  - temperature: `2.0`" in report
 
 
 def test_report_errors_are_one_line(tmp_path):
@@ -115,7 +125,7 @@ def test_report_errors_are_one_line(tmp_path):
     with pytest.raises(ReportError, match="line 2 is not JSON"):
         write_report(tmp_path)
     (tmp_path / "log.jsonl").write_text("")
-    with pytest.raises(ReportError, match="holds no records"):
+    with pytest.raises(ReportError, match="no records"):
         write_report(tmp_path)
     with pytest.raises(ReportError, match="does not exist"):
         write_report(tmp_path / "missing")

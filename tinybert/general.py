@@ -34,7 +34,9 @@ from tinybert.train import (
 
 
 def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one directory."""
+    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one directory.
+    Removes nothing: --overwrite clears the old run (`clear_output`) only once the new one is set up, so a bad
+    input (corpus, models, layer map) leaves it intact."""
     latest = checkpoints(output)[-1] if output.is_dir() and checkpoints(output) else None
     if resume:
         if latest is None:
@@ -46,11 +48,15 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> Path | Non
             f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             f"or choose another --output"
         )
-    if holds_run and world()[0] == 0:
+    return None
+
+
+def clear_output(output: Path):
+    """Remove the run that --overwrite replaces (rank 0; the others write nothing before their first barrier)."""
+    if world()[0] == 0:
         for name in ("checkpoints", "log.jsonl", "tensorboard", "student", "recipe.yaml"):
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return None
 
 
 def build_student(student: str | None, teacher: Bert) -> Bert:
@@ -146,6 +152,8 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
         teacher_model.to(torch.bfloat16)  # DeepSpeed bf16 runs the student in bf16 weights; match the teacher
     engine = build_engine(distiller, recipe, steps, device)
     state = load_checkpoint(engine, checkpoint) if checkpoint else None
+    if overwrite and checkpoint is None:
+        clear_output(output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(yaml.safe_dump(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from tinybert.hub import CheckpointError, load_model
-from tinybert.report import read_log
+from tinybert.hub import CheckpointError, load_model, read_config
+from tinybert.report import read_log, run_logs
 
 LOSS_TERMS = ("embedding", "hidden", "attention", "prediction")
 STAGE_TITLES = {
@@ -62,6 +62,14 @@ class Run:
     records: list[dict]
     metrics: object | None  # metrics.json as written by a task run, if any
 
+    def recipe_for(self, stage: str) -> dict:
+        """The recipe of one stage: a task distillation's recipe.yaml holds one per stage (stage1:, stage2:) beside
+        the keys they share (teacher, student, task, augmented)."""
+        if isinstance(self.recipe.get(stage), dict):
+            shared = {k: v for k, v in self.recipe.items() if k not in RECIPE_STAGES["task"]}
+            return {**shared, **self.recipe[stage]}
+        return self.recipe
+
     @property
     def stages(self) -> list[str]:
         seen = []
@@ -75,8 +83,8 @@ def read_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"run directory {path} does not exist")
-    recipe_file, log_file, metrics_file = path / "recipe.yaml", path / "log.jsonl", path / "metrics.json"
-    if not recipe_file.is_file() and not log_file.is_file():
+    recipe_file, logs, metrics_file = path / "recipe.yaml", run_logs(path), path / "metrics.json"
+    if not recipe_file.is_file() and not logs:
         raise ValueError(f"{path} holds neither recipe.yaml nor log.jsonl; give a run directory written by "
                          f"tinybert distill or finetune")
     recipe = {}
@@ -91,14 +99,31 @@ def read_run(path: str | os.PathLike) -> Run:
             metrics = json.loads(metrics_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{metrics_file} is not valid JSON ({e})") from None
-    return Run(path, recipe if isinstance(recipe, dict) else {}, read_log(log_file) if log_file.is_file() else [],
-               metrics)
+    return Run(path, recipe if isinstance(recipe, dict) else {}, [r for log in logs for r in read_log(log)], metrics)
+
+
+def _run_of(directory: Path) -> Path | None:
+    """The run a model directory was exported into: RUN/student, RUN/best, RUN/last, RUN/stage1/student."""
+    for parent in list(directory.resolve().parents)[:2]:
+        if (parent / "recipe.yaml").is_file():
+            return parent
+    return None
 
 
 def _default_run_dirs(model_dir: Path) -> list[Path]:
-    """A student exported by a run lives in RUN/student: that run made it."""
-    parent = model_dir.resolve().parent
-    return [parent] if (parent / "recipe.yaml").is_file() or (parent / "log.jsonl").is_file() else []
+    """The runs behind a model, oldest first: the run it was exported by, and, while the model a run started from
+    (`student`, or `model` for fine-tuning) is a local export of another run, that run too (general distillation
+    -> task distillation -> fine-tuning)."""
+    runs, run = [], _run_of(model_dir)
+    while run is not None and run not in runs and len(runs) < 8:
+        runs.insert(0, run)
+        try:
+            recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            break
+        start = (recipe.get("student") or recipe.get("model")) if isinstance(recipe, dict) else None
+        run = _run_of(Path(start)) if isinstance(start, str) and Path(start).is_dir() else None
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -110,6 +135,7 @@ class Result:
     split: str
     metrics: dict[str, float]
     dataset: str | None = None  # a hub dataset id when known
+    source: str | None = None  # where the figures come from, for the card's reader
 
 
 SPLIT_NAMES = ("train", "validation", "validation_matched", "validation_mismatched", "dev", "eval", "test")
@@ -152,6 +178,31 @@ def normalise_results(raw, *, task: str | None = None, split: str = "validation"
     return results
 
 
+def _dev_splits(task: str) -> tuple[str, ...]:
+    from tinybert.data import TASKS
+
+    return TASKS[task.lower()].dev_splits if task.lower() in TASKS else ("validation",)
+
+
+def run_results(run: Run, model_dir: Path) -> list[Result]:
+    """The scores of `model_dir` in its run's metrics.json. Task runs write {"task", "main_metric", "best": {...},
+    "last": {...}, "history": [...]} and export best/ and last/: the model directory's name picks the record
+    (best unless it is last/). Metrics of a second dev split are keyed "split/metric" (MNLI mismatched)."""
+    m = run.metrics
+    if not (isinstance(m, dict) and any(isinstance(m.get(k), dict) for k in ("best", "last"))):
+        return normalise_results(m, task=run.recipe.get("task"))
+    which = "last" if model_dir.resolve().name == "last" else "best"
+    chosen = m.get(which) if isinstance(m.get(which), dict) else {}
+    task = str(m.get("task") or run.recipe.get("task") or "custom")
+    source = f"the {which} checkpoint ({chosen.get('stage', 'run')} step {chosen.get('step', '?')}), metrics.json"
+    by_split: dict[str, dict[str, float]] = {}
+    for key, value in chosen.items():
+        if _is_number(value) and key not in ("step", "epoch", "loss"):
+            split, _, name = key.rpartition("/")
+            by_split.setdefault(split or _dev_splits(task)[0], {})[name] = float(value)
+    return [Result(task, split, metrics, source=source) for split, metrics in by_split.items()]
+
+
 def _eval_result(result: Result, metric: str, value: float):
     from huggingface_hub import EvalResult
 
@@ -171,20 +222,17 @@ def _eval_result(result: Result, metric: str, value: float):
 # ------------------------------------------------------------------------------------------------------ bench
 
 
-def _pick(d: dict, *names: str, contains: str | None = None):
+def _pick(d: dict, *names: str):
     for name in names:
         if _is_number(d.get(name)):
             return float(d[name])
-    if contains:
-        for key, value in d.items():
-            if contains in key and _is_number(value):
-                return float(value)
     return None
 
 
 def read_bench(bench) -> dict | None:
-    """A bench result: {"model": {...}, "vs": {...}, "speedup": x} (dict or JSON file); each side may carry
-    p50 latency (ms), p95, throughput (sequences/s), a name and a parameter count."""
+    """Figures from `tinybert bench MODEL --vs TEACHER` (its bench.json, or the dict): {"model": {...}, "vs":
+    {...}, "speedup": {"latency_speedup", "throughput_speedup", ...}, "machine": {...}}. Shorter hand-written
+    forms work too: sides with p50_ms / p95_ms / throughput, and "speedup" as one number (latency)."""
     if bench is None:
         return None
     if isinstance(bench, (str, os.PathLike)):
@@ -192,28 +240,38 @@ def read_bench(bench) -> dict | None:
             bench = json.loads(Path(bench).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"bench file {bench}: {type(e).__name__}: {e}") from None
-    if not isinstance(bench, dict):
-        raise ValueError(f"a bench result must be a mapping with 'model' and 'vs', not {type(bench).__name__}")
+    if not isinstance(bench, dict) or not isinstance(bench.get("model"), dict):
+        raise ValueError("a bench result must be a mapping with 'model' (and 'vs'), as `tinybert bench` writes")
 
     def side(d):
         if not isinstance(d, dict):
             return None
         return {
             "name": d.get("name") or d.get("model"),
-            "p50": _pick(d, "p50_ms", "latency_p50_ms", "p50", "latency_ms", contains="p50"),
-            "p95": _pick(d, "p95_ms", "latency_p95_ms", "p95", contains="p95"),
-            "throughput": _pick(d, "throughput", "throughput_per_s", "sequences_per_s", "seq_per_s",
-                                contains="throughput"),
-            "params": _pick(d, "params", "parameters", "num_parameters"),
+            "p50": _pick(d, "latency_ms_p50", "p50_ms", "latency_p50_ms", "p50"),
+            "p95": _pick(d, "latency_ms_p95", "p95_ms", "latency_p95_ms", "p95"),
+            "throughput": _pick(d, "throughput_seq_per_s", "throughput", "sequences_per_s"),
+            "params": _pick(d, "parameters", "params", "num_parameters"),
         }
 
-    model, vs = side(bench.get("model")), side(bench.get("vs"))
-    speedup = bench.get("speedup")
-    if isinstance(speedup, dict):
-        speedup = _pick(speedup, "latency", "p50", "throughput", contains="")
-    elif not _is_number(speedup):  # not given: the latency ratio, when both sides have one
-        speedup = vs["p50"] / model["p50"] if model and vs and model["p50"] and vs["p50"] else None
-    setting = {k: v for k, v in bench.items() if k not in ("model", "vs", "speedup") and isinstance(v, (str, int, float))}
+    model, vs = side(bench["model"]), side(bench.get("vs"))
+    raw = bench.get("speedup")
+    if isinstance(raw, dict):
+        speedup = {"latency": _pick(raw, "latency_speedup", "latency"),
+                   "throughput": _pick(raw, "throughput_speedup", "throughput")}
+    else:
+        speedup = {"latency": float(raw) if _is_number(raw) else None, "throughput": None}
+    if speedup["latency"] is None and vs and model["p50"] and vs["p50"]:
+        speedup["latency"] = vs["p50"] / model["p50"]
+    if speedup["throughput"] is None and vs and model["throughput"] and vs["throughput"]:
+        speedup["throughput"] = model["throughput"] / vs["throughput"]
+    # Conditions of the measurement: on the sides (tinybert bench) or at the top (hand-written), and the machine.
+    where = {**{k: v for k, v in bench.items() if isinstance(v, (str, int, float))}, **bench["model"],
+             **(bench.get("machine") if isinstance(bench.get("machine"), dict) else {})}
+    labels = {"device": "device", "dtype": "precision", "precision": "precision", "seq_len": "sequence length",
+              "batch_size": "batch", "throughput_batch": "throughput batch", "threads": "threads", "cpu": "CPU",
+              "gpu": "GPU", "date": "measured"}
+    setting = {label: where[key] for key, label in labels.items() if where.get(key) not in (None, "")}
     return {"model": model, "vs": vs, "speedup": speedup, "setting": setting}
 
 
@@ -269,21 +327,38 @@ def _md_link(name: str) -> str:
 def _stage_terms(run: Run, stage: str) -> dict[str, float]:
     """The loss terms a stage trained, as logged, with the recipe's weights (without a log: the recipe's terms
     that the stage runs)."""
-    weights = run.recipe.get("terms") or {}
+    weights = run.recipe_for(stage).get("terms") or {}
     logged = [t for t in LOSS_TERMS if any(r.get("stage") == stage and t in r for r in run.records)]
     if not run.records:
         logged = {"stage2": ["prediction"], "finetune": []}.get(stage, [t for t in weights if t != "prediction"])
     return {t: weights.get(t, 1.0) for t in logged}
 
 
+def _uniform_map(teacher: str | None, student_layers: int) -> list[int] | None:
+    """The explicit list behind `layer_map: uniform`, when the teacher is a local checkpoint to count layers in."""
+    from tinybert.losses import LayerMapError, uniform_layer_map
+
+    if not teacher or not (Path(teacher) / "config.json").is_file():
+        return None
+    try:
+        return uniform_layer_map(read_config(teacher).num_hidden_layers, student_layers)
+    except (CheckpointError, LayerMapError):
+        return None
+
+
 def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
-    recipe = run.recipe
+    recipe = run.recipe_for(stage)
     terms = _stage_terms(run, stage)
     lines = [f"### {STAGE_TITLES.get(stage, stage)}", ""]
     if recipe.get("teacher"):
         lines.append(f"- teacher: {_md_link(recipe['teacher'])}")
     if recipe.get("student"):
         lines.append(f"- initial student: {_md_link(recipe['student'])}")
+    if recipe.get("model"):
+        lines.append(f"- initial model: {_md_link(recipe['model'])}")
+    if stage == "finetune":  # the loop logs fine-tuning's loss on the gold labels as its `prediction` term
+        terms = {}
+        lines.append("- loss: cross-entropy on the gold labels (MSE for regression)")
     for key in DATA_KEYS:
         value = recipe.get(key)
         if value:
@@ -294,8 +369,11 @@ def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
             lines.append(f"- {key.replace('_', ' ')}: `{value}`")
     if any(t in terms for t in ("embedding", "hidden", "attention")):
         layer_map = recipe.get("layer_map")
+        if layer_map == "uniform":
+            layer_map = _uniform_map(recipe.get("teacher"), student_layers) or layer_map
         if layer_map is not None:
-            shown = f"`{layer_map}`" if isinstance(layer_map, list) else f"{layer_map} ({student_layers} student layers)"
+            shown = (f"`{layer_map}`" if isinstance(layer_map, list)
+                     else f"{layer_map} ({student_layers} student layers)")
             lines.append(f"- layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
     if terms:
         lines.append("- loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
@@ -380,7 +458,8 @@ def model_card(
 
     run_dirs: the runs that made the model, in order (default: the run whose `student/` this is); their
     recipe.yaml, log.jsonl and metrics.json are read. results: evaluation results (see `normalise_results`),
-    added to those of the runs' metrics.json. bench: a bench dict or JSON file (see `read_bench`).
+    added to those of the runs' metrics.json. bench: a bench dict or JSON file (see `read_bench`; default
+    MODEL_DIR/bench.json when there is one).
     """
     from huggingface_hub import ModelCardData
 
@@ -388,15 +467,17 @@ def model_card(
     model = load_model(model_dir)
     config = model.config
     runs = [read_run(d) for d in (run_dirs if run_dirs is not None else _default_run_dirs(model_dir))]
-    teachers = [r.recipe["teacher"] for r in runs if r.recipe.get("teacher")]
-    teacher = teachers[-1] if teachers else None  # the teacher of the run that produced this model
-    base_model = base_model or _hub_id(teacher)
+    last = runs[-1].recipe if runs else {}
+    teacher = last.get("teacher")  # of the run that produced this model
+    origin = teacher or last.get("model")  # a fine-tuning run starts from a model, with no teacher
+    base_model = base_model or _hub_id(origin)
 
-    found: list[Result] = []
-    for run in runs:
-        found += normalise_results(run.metrics, task=run.recipe.get("task"))
+    # Scores are those of the run that produced this model; earlier runs scored other models.
+    found = run_results(runs[-1], model_dir) if runs else []
     found += normalise_results(results)
     found = [r for r in found if r.metrics]
+    if bench is None and (model_dir / "bench.json").is_file():  # where `tinybert bench MODEL` writes by default
+        bench = model_dir / "bench.json"
     bench = read_bench(bench)
 
     datasets = []
@@ -413,7 +494,7 @@ def model_card(
     metric_names = list(dict.fromkeys(METRIC_TYPES.get(m, m) for r in found for m in r.metrics))
 
     name = (repo_id or model_dir.resolve().name).split("/")[-1]
-    if name == "student" and runs:
+    if name in ("student", "best", "last") and runs:  # RUN/best: the run names the model
         name = runs[-1].path.resolve().name
     tags = ["tinybert", "distillation", "bert"] + (["text-classification"] if config.num_labels else [])
     data = ModelCardData(
@@ -426,8 +507,6 @@ def model_card(
 
     counts = model.num_parameters()
     teacher_params = _count_parameters(teacher) if teacher and Path(teacher).is_dir() else None
-    if teacher_params is None and bench and bench["vs"] and bench["vs"]["params"]:
-        teacher_params = bench["vs"]["params"]
     shape = (f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, feed-forward "
              f"{config.intermediate_size}, {config.num_attention_heads} attention heads")
     if config.num_labels:
@@ -438,11 +517,12 @@ def model_card(
         head = "no task head"
     body = [f"# {name}", ""]
     intro = f"A TinyBERT student ({shape}; {_millions(counts['total'])} parameters) with {head}"
-    intro += f", distilled from {_md_link(teacher)}" if teacher else ""
+    intro += f", distilled from {_md_link(teacher)}" if teacher else (
+        f", fine-tuned from {_md_link(origin)}" if origin else "")
     body += [intro + " by the `tinybert` toolkit, following TinyBERT ([Jiao et al., 2020]"
              "(https://arxiv.org/abs/1909.10351)). It loads with plain `transformers`.", ""]
-    if teacher and not base_model:
-        body += [f"The teacher is a local checkpoint (`{teacher}`), so the metadata names no `base_model` "
+    if origin and not base_model:
+        body += [f"The {'teacher' if teacher else 'initial model'} is a local checkpoint (`{origin}`), so the metadata names no `base_model` "
                  f"(`tinybert push --base-model OWNER/NAME` names its Hub id).", ""]
 
     body += ["## Lineage", ""]
@@ -455,6 +535,9 @@ def model_card(
 
     body += ["## Evaluation", ""]
     if found:
+        sources = list(dict.fromkeys(r.source for r in found if r.source))
+        if sources:
+            body += [f"Scores of {'; '.join(sources)}.", ""]
         body += ["| task | split | metric | value |", "|---|---|---|---|"]
         for r in found:
             for metric, value in r.metrics.items():
@@ -470,20 +553,31 @@ def model_card(
     v = (bench or {}).get("vs") or {}
     body.append(f"| this model | {_millions(counts['total'])} | {_fmt(m.get('p50') or '-')} | "
                 f"{_fmt(m.get('p95') or '-')} | {_fmt(m.get('throughput') or '-')} |")
-    if teacher or v:
-        label = f"teacher ({v.get('name') or teacher})" if teacher else f"{v.get('name') or 'reference'}"
-        body.append(f"| {label} | {_millions(teacher_params) if teacher_params else '-'} | "
+    # The reference is the model the bench compared with (usually the teacher), else the teacher, unmeasured.
+    reference, reference_params = None, None
+    if v:
+        reference = "the teacher" if v.get("name") in (None, teacher) else f"`{v['name']}`"
+        reference_params = v.get("params") or (teacher_params if v.get("name") in (None, teacher) else None)
+        body.append(f"| {reference} | {_millions(reference_params) if reference_params else '-'} | "
                     f"{_fmt(v.get('p50') or '-')} | {_fmt(v.get('p95') or '-')} | {_fmt(v.get('throughput') or '-')} |")
+    elif teacher:
+        reference, reference_params = "the teacher", teacher_params
+        body.append(f"| the teacher | {_millions(teacher_params) if teacher_params else '-'} | - | - | - |")
     body.append("")
-    if bench and bench["speedup"]:
-        body.append(f"Speed-up against the {'teacher' if teacher else 'reference'}: **{bench['speedup']:.2f}x**"
-                    + (f" ({', '.join(f'{k} {_fmt(x)}' for k, x in bench['setting'].items())})"
-                       if bench["setting"] else "") + ".")
-        body.append("")
-    elif not bench:
-        body += ["Speed was not measured for this card.", ""]
-    if teacher_params:
-        body += [f"{teacher_params / counts['total']:.1f}x fewer parameters than the teacher.", ""]
+    if bench:
+        speedup = bench["speedup"]
+        parts = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup["latency"] else None,
+                 f"**{speedup['throughput']:.2f}x** higher throughput" if speedup["throughput"] else None]
+        if any(parts) and reference:
+            body += [f"Speed-up against {reference}: " + ", ".join(x for x in parts if x) + ".", ""]
+        if bench["setting"]:
+            body += ["Measured with `tinybert bench`: " + ", ".join(f"{k} {_fmt(x)}" for k, x in
+                                                                     bench["setting"].items()) + ".", ""]
+    else:
+        body += ["Speed was not measured for this card (`tinybert bench MODEL --vs TEACHER` writes bench.json, "
+                 "which the card reads).", ""]
+    if reference_params:
+        body += [f"{reference_params / counts['total']:.1f}x fewer parameters than {reference}.", ""]
 
     body += ["## Usage", "", _usage(repo_id or str(model_dir), config), ""]
     body += ["## Citation", "", "```bibtex", CITATION, "```", ""]
@@ -578,8 +672,10 @@ def push(
     """Upload an exported student with its model card to `repo_id` (created if missing, on branch `revision`).
 
     Everything that can be checked locally is checked before any request: the model directory, the repo id,
-    the token (argument, HF_TOKEN, or `hf auth login`), offline mode; then the card is built. The token is sent
-    only in the Authorization header. Returns the URL of the commit.
+    the token (argument, HF_TOKEN, or `hf auth login`), offline mode; then the card is built. The files are linked
+    into a temporary folder with the card as README.md (a README.md in `model_dir` is not uploaded, and nothing in
+    `model_dir` is written). The token is sent only in the Authorization header; errors are re-raised `from None`
+    so that no chained exception can carry it either. Returns the URL of the commit.
     """
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import HfHubHTTPError
@@ -613,7 +709,7 @@ def push(
             _stage(model_dir, card, Path(tmp))
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=tmp, revision=revision,
-                commit_message=commit_message or f"Upload {model_dir.resolve().name} with tinybert",
+                commit_message=commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert",
             )
     except _transport_errors() as e:
         raise PushError(f"cannot reach {endpoint} to {step} ({type(e).__name__}: {_scrub(e, token)}); check the "
@@ -624,7 +720,8 @@ def push(
                 403: f"the token may not write to {repo_id}: use a token with write access to that namespace",
                 404: f"{repo_id} or its revision was not found"}.get(status, "")
         detail = _scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)
-        raise PushError(f"{endpoint} refused to {step} (HTTP {status}): {hint + '; ' if hint else ''}{detail}") from None
+        hint = hint + "; " if hint else ""
+        raise PushError(f"{endpoint} refused to {step} (HTTP {status}): {hint}{detail}") from None
     except ValueError as e:  # huggingface_hub's own checks (bad revision, malformed server answers)
         raise PushError(f"push to {endpoint} failed to {step}: {_scrub(e, token)}") from None
     return str(getattr(info, "commit_url", info))

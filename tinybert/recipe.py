@@ -221,9 +221,15 @@ def _set(data: dict, dotted: str, value):
     if data.get(top) is None:  # start from the default mapping, so terms.attention=0 keeps the other terms
         default = FIELDS[top].default_factory() if FIELDS[top].default_factory is not dataclasses.MISSING else None
         data[top] = default or {}
+    if top == "deepspeed" and isinstance(data[top], str):  # `deepspeed=zero2-bf16.json deepspeed.x.y=1`
+        data[top] = _read_json(data[top])
     node = data[top]
-    for part in rest[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(rest):
+        if not isinstance(node, dict):
+            where = ".".join([top, *rest[:depth]])
+            raise RecipeError(f"recipe key {dotted}: {where} is {node!r}, not a mapping")
+        if depth < len(rest) - 1:
+            node = node.setdefault(part, {})
     node[rest[-1]] = value
 
 
@@ -257,10 +263,12 @@ def build_recipe(data: dict, overrides: list[str] = (), **values) -> Recipe:
 
 
 def _read_json(name: str) -> dict:
-    path = Path(name) if Path(name).is_file() else RECIPE_DIR / name
-    if not path.is_file():
-        raise RecipeError(f"recipe key deepspeed: no JSON file {name} (looked in the current directory and in "
-                          f"{RECIPE_DIR})")
+    # The bundled configs live in recipes/deepspeed/; `zero2-bf16.json` and `deepspeed/zero2-bf16.json` both work.
+    candidates = (Path(name), RECIPE_DIR / name, RECIPE_DIR / "deepspeed" / name)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise RecipeError(f"recipe key deepspeed: no JSON file {name} (looked in the current directory, in "
+                          f"{RECIPE_DIR} and in {RECIPE_DIR / 'deepspeed'})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

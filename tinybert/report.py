@@ -40,6 +40,13 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def run_logs(run_dir: Path) -> list[Path]:
+    """A run's log files: RUN/log.jsonl, and those of its stages (a task distillation keeps stage1/log.jsonl and
+    stage2/log.jsonl)."""
+    logs = [run_dir / "log.jsonl"] + sorted(run_dir.glob("*/log.jsonl"))
+    return [log for log in logs if log.is_file()]
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -148,10 +155,8 @@ def _recipe_lines(run_dir: Path) -> list[str]:
         return ["(recipe.yaml could not be read)", ""]
     if not isinstance(recipe, dict):
         return []
-    keys = ["recipe", "teacher", "student", "corpus", "task", "layer_map", "terms", "batch_size", "max_seq_length",
-            "learning_rate", "max_steps", "epochs", "precision"]
-    if "prediction" in (recipe.get("terms") or {}):
-        keys.insert(keys.index("terms") + 1, "temperature")
+    keys = ["recipe", "teacher", "student", "model", "corpus", "task", "augmented", "layer_map", "terms",
+            "batch_size", "max_seq_length", "learning_rate", "max_steps", "epochs", "precision"]
 
     def shown(value):
         if isinstance(value, list) and not all(isinstance(v, int) for v in value):
@@ -160,20 +165,28 @@ def _recipe_lines(run_dir: Path) -> list[str]:
             return ", ".join(f"{k} {v}" for k, v in value.items())
         return f"`{value}`"
 
-    return [f"- {k}: {shown(recipe[k])}" for k in keys if recipe.get(k) not in (None, "", [])] + [""]
+    def lines(recipe: dict, indent: str) -> list[str]:
+        chosen = keys + (["prediction", "temperature"] if "prediction" in (recipe.get("terms") or {}) else [])
+        return [f"{indent}- {k}: {shown(recipe[k])}" for k in chosen if recipe.get(k) not in (None, "", [], {})]
+
+    out = lines(recipe, "")
+    for stage, sub in recipe.items():  # a task distillation's recipe.yaml holds one recipe per stage
+        if isinstance(sub, dict) and stage in ("stage1", "stage2"):
+            out += [f"- {stage}:"] + lines(sub, "  ")
+    return out + [""]
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the plots and report.md for `run_dir` into `out` (default RUN_DIR/report); returns report.md's path."""
     run_dir = Path(run_dir)
-    log = run_dir / "log.jsonl"
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    if not log.is_file():
+    logs = run_logs(run_dir)
+    if not logs:
         raise ReportError(f"{run_dir} has no log.jsonl; give a run directory written by tinybert distill or finetune")
-    records = read_log(log)
+    records = [r for log in logs for r in read_log(log)]
     if not records:
-        raise ReportError(f"{log} holds no records; the run logged no step yet")
+        raise ReportError(f"{', '.join(map(str, logs))}: no records; the run logged no step yet")
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     run = run_dir.resolve().name

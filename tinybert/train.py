@@ -388,11 +388,13 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
             loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
             if not torch.isfinite(loss):
                 last = checkpoints(output)
+                bar.close()  # end the progress line, so the error is a line of its own
+                log.close()
                 raise TrainingError(
                     f"stage {stage.name}: loss is {loss.item()} at step {step + 1} "
                     f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
                     f"{'the last checkpoint ' + last[-1].name + ' is intact' if last else 'no checkpoint was written'}"
-                    f"; lower learning_rate or use precision=fp32"
+                    f"; lower learning_rate" + (" or use precision=fp32" if recipe.precision != "fp32" else "")
                 )
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)

@@ -1,0 +1,451 @@
+"""General distillation end to end, as a user runs it: `tinybert distill --recipe general` in a subprocess with the
+real MiniLM teacher on real books. Loss terms fall, the student exports to plain transformers, a run killed with
+SIGKILL resumes to the very same weights, DeepSpeed (ZeRO-1/2, 1 and 2 processes) resumes too, gradient
+accumulation is the big batch, bad input is one `error:` line that leaves earlier checkpoints alone, and --dry-run
+shows the plan and writes nothing.
+
+Runs are small (batch 8, 64 tokens, one short book) but real: every run loads the 6-layer teacher and the corpus.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.model import Bert, BertConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TERMS = ("embedding", "hidden", "attention")
+SMALL = ["batch_size=8", "max_seq_length=64"]
+CAROL = "pg46_a_christmas_carol.txt"  # ~40k tokens: ~600 rows of 64
+ALICE = "pg11_alices_adventures_in_wonderland.txt"
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TINYBERT_TRACEBACK", None)
+    return env
+
+
+def _command(args, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "tinybert.cli", *map(str, args)]
+    # --standalone picks a free rendezvous port: other torchrun jobs on this machine do not collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "tinybert.cli", *map(str, args)]
+
+
+def tinybert(*args, nproc: int = 1, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(args, nproc), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def distill(teacher, corpus, output, *extra, nproc: int = 1, timeout: float = 1200) -> subprocess.CompletedProcess:
+    corpora = [a for c in ([corpus] if isinstance(corpus, (str, Path)) else corpus) for a in ("--corpus", c)]
+    return tinybert("distill", "--recipe", "general", "--teacher", teacher, *corpora, "--output", output, *extra,
+                    nproc=nproc, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def records(output: Path, kind: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def logged_steps(output: Path) -> list[int]:
+    """Train steps in a log that a running process is writing (a line being written is skipped)."""
+    steps = []
+    if (output / "log.jsonl").exists():
+        for line in (output / "log.jsonl").read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") == "train":
+                steps.append(record["step"])
+    return steps
+
+
+def checkpoint_steps(output: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*"))
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file and folder under `directory` with its bytes' hash (folders as "dir")."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+def assert_log_has_each_step_once(output: Path, steps: int):
+    train = [r["step"] for r in records(output, "train")]
+    assert train == list(range(1, steps + 1)), train
+    evals = [r["step"] for r in records(output, "eval")]
+    assert evals == sorted(set(evals)), evals
+
+
+def kill_after_first_checkpoint(args, output: Path, steps: int, *, nproc: int = 1, timeout: float = 900) -> int:
+    """Start the run, wait for its first checkpoint, pick a later step at random, SIGKILL the whole process group
+    once that step is logged (mid-step, or mid-checkpoint-write when the step saves). Returns the step picked."""
+    # stderr to a file: progress bars would fill a pipe nobody reads and block the run.
+    stderr = (output.parent / f"{output.name}-killed.stderr").open("w+")
+    proc = subprocess.Popen(_command(args, nproc), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True, start_new_session=True)
+    deadline, target = time.monotonic() + timeout, None
+    try:
+        while True:
+            if proc.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"the run ended (exit {proc.returncode}) before it was killed: {stderr.read()[-4000:]}")
+            assert time.monotonic() < deadline, "timed out waiting for the run"
+            if target is None and (output / "checkpoints").is_dir() and checkpoint_steps(output):
+                first = checkpoint_steps(output)[0]
+                target = random.randint(first + 1, steps - 2)
+            if target is not None and (logged := logged_steps(output)) and logged[-1] >= target:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        stderr.close()
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    return target
+
+
+def save_student(directory: Path, teacher_dir: Path, seed: int = 0, **config) -> Path:
+    """A randomly initialised student with the teacher's tokenizer (vocab_size defaults to the teacher's)."""
+    tokenizer = load_tokenizer(teacher_dir)
+    torch.manual_seed(seed)
+    save_model(Bert(BertConfig(**{"vocab_size": len(tokenizer), **config})), directory, tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def books(data_dir) -> Path:
+    folder = data_dir / "corpus" / "gutenberg"
+    if not (folder / CAROL).is_file():
+        pytest.skip(f"{folder / CAROL} not found")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------- real runs
+
+# A random 3-layer student as wide as MiniLM (uniform map 0,2,4,6; identity projections: no parameters), and the
+# tinybert-4l-312d preset with an explicit map (learned 312 -> 384 projections, one per state).
+STUDENTS = {
+    "3l-384-uniform": (ALICE, ["precision=fp32"], 0),
+    "4l-312d-explicit": (CAROL, ["--student", "tinybert-4l-312d", "layer_map=[0,2,3,5,6]"], 5),
+}
+REAL_STEPS = 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDENTS)
+def test_every_loss_term_falls_and_the_student_loads_in_transformers(name, minilm_dir, books, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    book, extra, projections = STUDENTS[name]
+    if name.startswith("3l"):
+        student = save_student(tmp_path / "student-init", minilm_dir, hidden_size=384, num_hidden_layers=3,
+                               num_attention_heads=12, intermediate_size=1536)
+        extra = ["--student", student, *extra]
+    output = tmp_path / "run"
+    result = ok(distill(minilm_dir, books / book, output, *SMALL, *extra, f"max_steps={REAL_STEPS}",
+                        "learning_rate=5e-4", "eval_every=50", "save_every=100"))
+    assert f"student written to {output / 'student'}" in result.stdout
+
+    train = records(output, "train")
+    assert [r["step"] for r in train] == list(range(1, REAL_STEPS + 1))
+    for term in TERMS:
+        first = sum(r[term] for r in train[:10]) / 10
+        last = sum(r[term] for r in train[-10:]) / 10
+        assert last < 0.9 * first, f"{term}: mean of the first 10 steps {first:.4g}, of the last 10 {last:.4g}"
+    evals = records(output, "eval")
+    assert [r["step"] for r in evals] == [50, 100, 150, 200]
+    for term in TERMS + ("loss",):
+        assert evals[-1][term] < evals[0][term], f"held-out {term}: {[round(r[term], 4) for r in evals]}"
+
+    # The projections are the distillation's: 0 parameters when the widths match, one Linear per state otherwise.
+    state = torch.load(output / "checkpoints" / f"step-{REAL_STEPS:07d}" / "rank0" / "state.pt", weights_only=False)
+    fit = sorted({k.split(".")[2] for k in state["module"] if k.startswith("projections.fit_denses.")}, key=int)
+    assert len(fit) == projections
+    exported = load_file(output / "student" / "model.safetensors")
+    assert not any("fit_dense" in k or "projection" in k for k in exported)
+    assert checkpoint_steps(output) == [100, 200]
+
+    # The exported student: plain transformers, offline, and the same numbers as our model.
+    hf, info = AutoModel.from_pretrained(str(output / "student"), local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ours = load_model(output / "student")
+    assert (hf.config.num_hidden_layers, hf.config.hidden_size) == (ours.config.num_hidden_layers,
+                                                                    ours.config.hidden_size)
+    tokenizer = AutoTokenizer.from_pretrained(str(output / "student"), local_files_only=True)
+    batch = tokenizer(["Marley was dead: to begin with.", "Alice was beginning to get very tired."],
+                      padding=True, return_tensors="pt")
+    hf.eval(), ours.eval()
+    with torch.no_grad():
+        expected = hf(**batch).last_hidden_state
+        got = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states[-1]
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- exact resume
+
+RESUME_STEPS = 10
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(precision, minilm_dir, books, tmp_path):
+    """Plain engine on CPU, dropout on (so the RNG states must come back too): run A straight through, run B killed
+    with SIGKILL at a random step after its first checkpoint, then the same command with --resume."""
+    args = [*SMALL, f"max_steps={RESUME_STEPS}", "save_every=3", "eval_every=4", "log_every=1",
+            f"precision={precision}", "layer_map=[0,2,3,5,6]", "learning_rate=2e-4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ok(distill(minilm_dir, books / CAROL, a, *args))
+
+    command = ["distill", "--recipe", "general", "--teacher", minilm_dir, "--corpus", books / CAROL,
+               "--output", b, *args]
+    killed_at = kill_after_first_checkpoint(command, b, RESUME_STEPS)
+    assert not (b / "student").exists()
+    resumed = ok(tinybert(*command, "--resume"))
+    assert "resuming from" in resumed.stdout
+
+    a_bytes = (a / "student" / "model.safetensors").read_bytes()
+    b_bytes = (b / "student" / "model.safetensors").read_bytes()
+    if a_bytes != b_bytes:
+        wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
+        differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        pytest.fail(f"killed after step {killed_at}: {len(differ)} tensors differ, e.g. {differ[:5]}")
+    assert_log_has_each_step_once(b, RESUME_STEPS)
+    # The loss terms logged after the resume are the uninterrupted run's, step by step.
+    for ra, rb in zip(records(a, "train"), records(b, "train")):
+        assert {k: ra[k] for k in TERMS} == {k: rb[k] for k in TERMS}, (killed_at, ra["step"])
+    assert [r["loss"] for r in records(a, "eval")] == [r["loss"] for r in records(b, "eval")]
+    assert not list((b / "checkpoints").glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------------- DeepSpeed
+
+DS_STEPS = 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero, nproc", [(1, 1), (2, 2), (2, 1), (1, 2)])
+def test_deepspeed_bf16_resumes_after_a_kill(zero, nproc, minilm_dir, books, tmp_path):
+    """ZeRO stage `zero`, bf16, `nproc` processes on CPU (gloo): a run killed after its first checkpoint and resumed
+    ends where an uninterrupted run ends."""
+    pytest.importorskip("deepspeed")
+    args = ["batch_size=8", "max_seq_length=32", f"max_steps={DS_STEPS}", "save_every=2", "log_every=1",
+            "heldout_fraction=0", "precision=bf16", "layer_map=[0,2,3,5,6]", "learning_rate=2e-4",
+            "deepspeed=zero2-bf16.json", f"deepspeed.zero_optimization.stage={zero}"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    command = lambda output: ["distill", "--recipe", "general", "--teacher", minilm_dir, "--corpus", books / CAROL,
+                              "--output", output, *args]
+    ok(tinybert(*command(a), nproc=nproc))
+    assert "deepspeed" in os.listdir(a / "checkpoints" / f"step-{DS_STEPS:07d}")  # DeepSpeed's own layout
+    killed_at = kill_after_first_checkpoint(command(b), b, DS_STEPS, nproc=nproc)
+    ok(tinybert(*command(b), "--resume", nproc=nproc))
+
+    wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-3, rtol=1e-3, msg=lambda m: f"killed at {killed_at}: {k}: {m}")
+    assert_log_has_each_step_once(b, DS_STEPS)
+    for ra, rb in zip(records(a, "train"), records(b, "train")):
+        for term in TERMS:
+            assert rb[term] == pytest.approx(ra[term], rel=1e-3), (killed_at, ra["step"], term)
+
+
+# ---------------------------------------------------------------------------------------------------- accumulation
+
+
+def test_two_micro_batches_of_16_make_the_update_of_one_batch_of_32(minilm_dir, books, tmp_path):
+    """batch_size=32 with grad_accum=2 (micro-batches of 16) vs grad_accum=1, fp32, a student without dropout (the
+    teacher is always in eval mode), in-process: same weights after 2 optimizer steps."""
+    from tinybert.general import run_general
+    from tinybert.recipe import load_recipe
+
+    student = save_student(tmp_path / "student", minilm_dir, hidden_size=96, num_hidden_layers=2,
+                           num_attention_heads=12, intermediate_size=192, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    initial = load_file(student / "model.safetensors")
+    weights = {}
+    for accum in (1, 2):
+        recipe = load_recipe("general", ["batch_size=32", "max_seq_length=64", "max_steps=2", f"grad_accum={accum}",
+                                         "precision=fp32", "heldout_fraction=0", "learning_rate=1e-3",
+                                         "warmup_ratio=0"])
+        out = run_general(recipe, teacher=str(minilm_dir), corpus=[str(books / CAROL)], output=tmp_path / f"x{accum}",
+                          student=str(student), progress=False, echo=lambda *a, **k: None)
+        weights[accum] = load_file(out / "model.safetensors")
+        assert [r["step"] for r in records(tmp_path / f"x{accum}", "train")] == [1, 2]
+    one, two = weights[1], weights[2]
+    moved = 0
+    for k in one:
+        update = one[k] - initial[k]
+        moved += bool(update.abs().max() > 0)
+        # Relative to the update itself (an absolute test on the weights would pass even if nothing moved).
+        diff = (two[k] - one[k]).norm().item()
+        assert diff <= 1e-4 * max(update.norm().item(), 1e-12) + 1e-7, f"{k}: |diff| {diff:.3g}, |update| " \
+                                                                       f"{update.norm().item():.3g}"
+    assert moved > len(one) // 2
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def previous_run(minilm_dir, books, tmp_path_factory) -> Path:
+    """A finished 2-step run (checkpoints at steps 1 and 2) that bad commands must leave as it is."""
+    output = tmp_path_factory.mktemp("previous") / "run"
+    ok(distill(minilm_dir, books / CAROL, output, *SMALL, "max_steps=2", "save_every=1", "heldout_fraction=0",
+               "precision=fp32", "layer_map=[0,2,3,5,6]"))
+    assert checkpoint_steps(output) == [1, 2]
+    return output
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(minilm_dir, books, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.txt").write_text("\n  \n\t\n")
+    (root / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.\n".encode("latin-1"))
+    save_student(root / "vocab-1000", minilm_dir, vocab_size=1000, hidden_size=96, num_hidden_layers=2,
+                 num_attention_heads=12, intermediate_size=192)
+    save_student(root / "heads-4", minilm_dir, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=192)
+    return {"empty": root / "empty.txt", "latin1": root / "latin1.txt", "vocab": root / "vocab-1000",
+            "heads": root / "heads-4", "nowhere": root / "no-such-teacher", "minilm": minilm_dir,
+            "carol": books / CAROL}
+
+
+# case -> (extra arguments with {names} from bad_inputs, text the error line must contain), after a valid 4-layer
+# map. Every case but "run in output" passes --overwrite, so it must fail before it touches the previous run.
+BAD = {
+    "empty corpus": (["--corpus", "{empty}"], "corpus is empty"),
+    "not UTF-8": (["--corpus", "{latin1}"], "corpus file is not UTF-8 text (bad byte at offset 3): {latin1}"),
+    "vocab mismatch": (["--corpus", "{carol}", "--student", "{vocab}"],
+                       "has a vocabulary of 1000 tokens but the teacher has 30522"),
+    "head mismatch": (["--corpus", "{carol}", "--student", "{heads}", "layer_map=uniform"],
+                      "the teacher has 12 heads and the student 4"),
+    "invalid layer map": (["--corpus", "{carol}", "layer_map=[0,3,2,6,6]"],
+                          "layer map [0, 3, 2, 6, 6] is invalid: it must be strictly increasing"),
+    "too long layer map": (["--corpus", "{carol}", "layer_map=[0,1,2,3,4,5,6]"],
+                           "it has 7 entries but a 4-layer student needs 5"),
+    "no uniform map": (["--corpus", "{carol}", "layer_map=uniform"], "no uniform layer map from a 6-layer teacher to a 4-layer student"),
+    "unknown key": (["--corpus", "{carol}", "learnig_rate=1e-4"], "did you mean learning_rate?"),
+    "wrong type": (["--corpus", "{carol}", "batch_size=eight"], "recipe key batch_size: expected int, got 'eight'"),
+    "missing teacher": (["--corpus", "{carol}", "--teacher", "{nowhere}"], "{nowhere} is neither a preset"),
+    "missing corpus": (["--corpus", "{nowhere}.txt"], "corpus path does not exist: {nowhere}.txt"),
+    "run in output": (["--corpus", "{carol}", "layer_map=[0,2,3,5,6]"],
+                      "already holds a run; pass --resume to continue it, --overwrite to replace it"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(previous_run, bad_inputs, tmp_path_factory) -> dict:
+    """Every BAD case against its own copy of `previous_run`, two at a time: case -> (result, expected text,
+    snapshot of the copy before, after)."""
+    root = tmp_path_factory.mktemp("bad-runs")
+
+    def run(case):
+        extra, expected = BAD[case]
+        names = {k: str(v) for k, v in bad_inputs.items()}
+        extra = [a.format(**names) for a in extra]
+        output = root / case.replace(" ", "-")
+        shutil.copytree(previous_run, output)
+        teacher = [] if "--teacher" in extra else ["--teacher", names["minilm"]]
+        flags = [] if case == "run in output" else ["--overwrite"]
+        before = snapshot(output)
+        result = tinybert("distill", "--recipe", "general", *teacher, "--output", output, *SMALL, "max_steps=2",
+                          "layer_map=[0,2,3,5,6]", *extra, *flags, timeout=600)
+        return result, expected.format(**names), before, snapshot(output)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(BAD, pool.map(run, BAD)))
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode not in (0, None), result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_error_line_and_leaves_the_previous_run_intact(case, bad_runs):
+    result, expected, before, after = bad_runs[case]
+    line = error_line(result)
+    assert expected in line, line
+    assert result.returncode == 1
+    assert before == after
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(minilm_dir, books, tmp_path):
+    output = tmp_path / "run"
+    result = distill(minilm_dir, books / CAROL, output, *SMALL, "max_steps=6", "save_every=1", "heldout_fraction=0",
+                     "precision=fp32", "layer_map=[0,2,3,5,6]", "learning_rate=1e30", "warmup_ratio=0")
+    line = error_line(result)
+    assert "loss is nan" in line or "loss is inf" in line, line
+    steps = checkpoint_steps(output)
+    assert steps, "the first step's loss is finite: its checkpoint must exist"
+    last = f"step-{steps[-1]:07d}"
+    assert f"at step {steps[-1] + 1} " in line and f"the last checkpoint {last} is intact" in line, line
+    assert "lower learning_rate" in line
+    assert not list((output / "checkpoints").glob(".tmp-*")) and not (output / "student").exists()
+    state = torch.load(output / "checkpoints" / last / "rank0" / "state.pt", weights_only=False)
+    assert state["client_state"]["step"] == steps[-1]
+    assert {"module", "optimizer", "scheduler"} <= state.keys()
+    assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+    assert [r["step"] for r in records(output, "train")] == list(range(1, steps[-1] + 1))
+
+
+# ---------------------------------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(minilm_dir, books, previous_run, tmp_path):
+    output = tmp_path / "never-written"
+    result = ok(distill(minilm_dir, [books / CAROL, books / ALICE], output, *SMALL, "max_steps=30",
+                        "layer_map=[0,2,3,5,6]", "--dry-run"))
+    out = result.stdout
+    assert not output.exists()
+    # The recipe, with the overrides applied.
+    assert out.startswith("recipe:") and "  batch_size: 8\n" in out and "  max_seq_length: 64\n" in out
+    # Both models' shapes.
+    assert "teacher: 6 layers, hidden 384, FFN 1536, 12 heads" in out
+    assert "student: 4 layers, hidden 312, FFN 1200, 12 heads" in out
+    # The layer map table: every student state, its teacher state, the projection and the attention pairing.
+    rows = [line.split() for line in out.splitlines() if "<-" in line and line.split()[0].isdigit()]
+    assert [(int(r[0]), int(r[2])) for r in rows] == [(0, 0), (1, 2), (2, 3), (3, 5), (4, 6)]
+    assert all("312" in line and "384" in line for line in out.splitlines() if line.strip().startswith("4 <- 6"))
+    assert "layer 4 <- layer 6" in out
+    # Corpus size (two books: one held out) and the schedule.
+    corpus = [line for line in out.splitlines() if line.startswith("corpus ")]
+    assert len(corpus) == 2 and all(" tokens" in line for line in corpus), corpus
+    assert "1 documents" in corpus[0] and "1 documents" in corpus[1]
+    assert "schedule: 30 optimizer steps of 8 sequences" in out
+
+    # A dry run against an existing run changes nothing there either (no --resume/--overwrite needed).
+    before = snapshot(previous_run)
+    ok(distill(minilm_dir, books / CAROL, previous_run, *SMALL, "layer_map=[0,2,3,5,6]", "--dry-run"))
+    assert snapshot(previous_run) == before
