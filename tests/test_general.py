@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -214,7 +215,8 @@ def test_every_loss_term_falls_and_the_student_loads_in_transformers(name, minil
 RESUME_STEPS = 10
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# bf16 runs at half the fp32 speed on CPUs without AMX: ~1 min on a quiet 2-core machine, 3 under load.
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(precision, minilm_dir, books, tmp_path):
     """Plain engine on CPU, dropout on (so the RNG states must come back too): run A straight through, run B killed
     with SIGKILL at a random step after its first checkpoint, then the same command with --resume."""
@@ -262,12 +264,15 @@ def test_deepspeed_bf16_resumes_after_a_kill(zero, nproc, minilm_dir, books, tmp
     command = lambda output: ["distill", "--recipe", "general", "--teacher", minilm_dir, "--corpus", books / CAROL,
                               "--output", output, *args]
     ok(tinybert(*command(a), nproc=nproc))
-    assert "deepspeed" in os.listdir(a / "checkpoints" / f"step-{DS_STEPS:07d}")  # DeepSpeed's own layout
+    # DeepSpeed's own layout, one optimizer shard per process ("bf16_zero_pp_rank_0_..." under its BF16_Optimizer).
+    shards = [p.name for p in (a / "checkpoints" / f"step-{DS_STEPS:07d}" / "deepspeed").glob("*zero_pp_rank_*")]
+    assert sorted(int(re.search(r"zero_pp_rank_(\d+)_", name)[1]) for name in shards) == list(range(nproc)), shards
     killed_at = kill_after_first_checkpoint(command(b), b, DS_STEPS, nproc=nproc)
     ok(tinybert(*command(b), "--resume", nproc=nproc))
 
     wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
     assert wa.keys() == wb.keys()
+    # Measured on CPU: identical (the checkpoint restores DeepSpeed's fp32 master weights, optimizer and RNG).
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-3, rtol=1e-3, msg=lambda m: f"killed at {killed_at}: {k}: {m}")
     assert_log_has_each_step_once(b, DS_STEPS)
@@ -305,8 +310,9 @@ def test_two_micro_batches_of_16_make_the_update_of_one_batch_of_32(minilm_dir, 
         moved += bool(update.abs().max() > 0)
         # Relative to the update itself (an absolute test on the weights would pass even if nothing moved).
         diff = (two[k] - one[k]).norm().item()
-        assert diff <= 1e-4 * max(update.norm().item(), 1e-12) + 1e-7, f"{k}: |diff| {diff:.3g}, |update| " \
-                                                                       f"{update.norm().item():.3g}"
+        # Measured: at most 1.4e-6 of the update (summation order differs between 2 x 16 and 1 x 32).
+        assert diff <= 1e-5 * update.norm().item() + 1e-8, f"{k}: |diff| {diff:.3g}, |update| " \
+                                                           f"{update.norm().item():.3g}"
     assert moved > len(one) // 2
 
 
@@ -399,6 +405,16 @@ def test_bad_input_is_one_error_line_and_leaves_the_previous_run_intact(case, ba
     assert expected in line, line
     assert result.returncode == 1
     assert before == after
+
+
+def test_overwrite_replaces_the_previous_run_once_the_new_one_starts(minilm_dir, books, previous_run, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(previous_run, output)
+    ok(distill(minilm_dir, books / CAROL, output, *SMALL, "max_steps=1", "save_every=1", "heldout_fraction=0",
+               "precision=fp32", "layer_map=[0,2,3,5,6]", "learning_rate=1e-4", "--overwrite"))
+    assert checkpoint_steps(output) == [1]
+    assert [r["step"] for r in records(output)] == [1]  # the old run's two steps are gone
+    assert "learning_rate: 0.0001" in (output / "recipe.yaml").read_text()
 
 
 def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(minilm_dir, books, tmp_path):

@@ -271,8 +271,9 @@ def test_custom_task_finetune_distill_with_augmented_rows_and_eval(minilm_dir, s
     dev.write_text("question,answer,y\nis fire red?,yes it is,yes\nis milk red?,no it is not,no\n"
                    "is wine red?,yes,yes\nis ice red?,no,no\n")
     augmented = tmp_path / "augmented.jsonl"
-    augmented.write_text("".join(json.dumps({"question": f"is thing {i} red?", "answer": "maybe", "y": "yes" if i % 2 else "no"}) + "\n"
-                                 for i in range(12)))
+    augmented.write_text("".join(
+        json.dumps({"question": f"is thing {i} red?", "answer": "maybe", "y": "yes" if i % 2 else "no"}) + "\n"
+        for i in range(12)))
     source = ("--train", train, "--validation", dev, "--text-columns", "question,answer", "--label-column", "y")
 
     code, out, err = cli("finetune", "--model", minilm_dir, *source, "--output", tmp_path / "teacher",

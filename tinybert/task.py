@@ -57,6 +57,7 @@ from tinybert.train import (
     checkpoints,
     default_device,
     load_checkpoint,
+    resolve_precision,
     seed_everything,
     total_steps,
     train,
@@ -350,17 +351,19 @@ FINETUNE_FILES = ("checkpoints", "log.jsonl", "tensorboard", "best", "last", "me
 TASK_FILES = ("stage1", "stage2", "best", "last", "metrics.json", "recipe.yaml")
 
 
-def prepare_run(output: Path, names: tuple[str, ...], *, resume: bool, overwrite: bool):
-    """Refuse to mix two runs in one directory; with --overwrite, clear the previous run's files (only those)."""
+def check_output(output: Path, names: tuple[str, ...], *, resume: bool, overwrite: bool):
+    """Refuse to mix two runs in one directory. Removes nothing: `clear_output` does, once the new run is set up."""
     holds_run = output.is_dir() and any((output / name).exists() for name in names)
-    if resume:
-        if not holds_run:
-            raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
-        return
-    if holds_run and not overwrite:
+    if resume and not holds_run:
+        raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
+    if not resume and holds_run and not overwrite:
         raise TrainingError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace "
                             f"it, or choose another --output")
-    if holds_run and world()[0] == 0:
+
+
+def clear_output(output: Path, names: tuple[str, ...]):
+    """--overwrite: remove the previous run's files (only those; anything else in the directory stays)."""
+    if world()[0] == 0:
         for name in names:
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -397,7 +400,9 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     output = Path(output)
     rank, _ = world()
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
+    device = default_device()
     recipe, source = for_task(recipe, task)
+    recipe = dataclasses.replace(recipe, precision=resolve_precision(recipe.precision, device))
     seed_everything(recipe.seed)
     if tokenizer is None and str(model) in PRESETS and not Path(model).exists():
         raise CheckpointError(f"{model} is a preset with no tokenizer; pass --tokenizer DIR (the teacher's)")
@@ -407,8 +412,7 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     tokenized = tokenize(datasets.DatasetDict(raw), tok, recipe.max_seq_length)
     train_set = tokenized["train"]
     dev = {s: ds for s, ds in tokenized.items() if s != "train"}
-    micro, device = _micro(recipe), default_device()
-    pad = tok.pad_token_id
+    micro, pad = _micro(recipe), tok.pad_token_id
     state = {}  # best and history; travels in the checkpoints
     keeper = Keeper(bert, tok, output, task.main_metric, "finetune", state)
     stage = Stage(
@@ -422,7 +426,7 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     if dry_run:
         return None
 
-    prepare_run(output, FINETUNE_FILES, resume=resume, overwrite=overwrite)
+    check_output(output, FINETUNE_FILES, resume=resume, overwrite=overwrite)
     latest = checkpoints(output)[-1] if resume and checkpoints(output) else None
     if resume and latest is None:
         raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; pass --overwrite to start again")
@@ -432,6 +436,8 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     if resumed:
         state.update(copy.deepcopy(resumed["tracker"]))
         echo(f"resuming from {latest} (step {resumed['step']} of {steps})")
+    elif overwrite:
+        clear_output(output, FINETUNE_FILES)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(yaml.safe_dump(
@@ -483,7 +489,9 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     output = Path(output)
     rank, _ = world()
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
+    device = default_device()
     (r1, source1), (r2, source2) = for_task(recipe.stage("stage1"), task), for_task(recipe.stage("stage2"), task)
+    r1, r2 = (dataclasses.replace(r, precision=resolve_precision(r.precision, device)) for r in (r1, r2))
     prediction = _prediction_mode(r2, task, echo)
     seed_everything(recipe.seed)
     teacher_model = load_model(teacher)
@@ -499,7 +507,7 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     if not terms1 or not terms2:
         raise RecipeError("each stage needs at least one loss term with a non-zero weight (stage1.terms, "
                           "stage2.terms)")
-    device, pad = default_device(), tok.pad_token_id
+    pad = tok.pad_token_id
     sets = {n: tokenize(datasets.DatasetDict(raw), tok, r.max_seq_length) for n, r in (("stage1", r1), ("stage2", r2))}
     dev1 = {s: ds for s, ds in sets["stage1"].items() if s != "train"}
     dev2 = {s: ds for s, ds in sets["stage2"].items() if s != "train"}
@@ -528,12 +536,7 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     if dry_run:
         return None
 
-    prepare_run(output, TASK_FILES, resume=resume, overwrite=overwrite)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(
-            {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction}, "teacher": str(teacher),
-             "student": str(student), "task": task.name, "augmented": data.augmented}, sort_keys=False))
+    check_output(output, TASK_FILES, resume=resume, overwrite=overwrite)
     student_dir = output / "stage1" / "student"
 
     # Teacher logits first: before stage 1 may cast the teacher to bf16 for DeepSpeed.
@@ -543,7 +546,14 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
         logits, record = teacher_logits(teacher_model, teacher, train2, r2.max_seq_length, pad, 2 * _micro(r2),
                                         device, echo)
         train2 = train2.add_column("teacher_logits", logits.tolist())
-        if rank == 0:
+    if overwrite and not resume:
+        clear_output(output, TASK_FILES)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(yaml.safe_dump(
+            {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction}, "teacher": str(teacher),
+             "student": str(student), "task": task.name, "augmented": data.augmented}, sort_keys=False))
+        if needs_logits:
             (output / "stage2").mkdir(parents=True, exist_ok=True)
             with (output / "stage2" / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"stage": "stage2", "kind": "teacher_logits", "step": 0, **record}) + "\n")
