@@ -84,7 +84,7 @@ def finetuned(minilm_dir, glue, tmp_path_factory):
         if name not in runs:
             output = tmp_path_factory.mktemp(f"finetune-{name}") / "run"
             code, out, err = cli("finetune", "--task", name, "--model", minilm_dir, "--data-dir", glue,
-                                 "--output", output, *SMALL, "epochs=2")
+                                 "--output", output, *SMALL, "epochs=2", "save_every=100")  # one checkpoint
             assert code == 0, err
             runs[name] = output, out
         return runs[name]
