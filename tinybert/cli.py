@@ -136,8 +136,8 @@ def _task_data(task, data_dir, train, validation, text_columns, label_column, au
     from tinybert.task import TaskData
 
     if (task is None) == (train is None):
-        raise click_errors.UsageError("give --task NAME (GLUE) or --train FILE --validation FILE --text-columns ... "
-                                      "(your own task), not both")
+        raise click_errors.UsageError("give either --task NAME (GLUE) or --train FILE --validation FILE "
+                                      "--text-columns ... (your own task)")
     columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
     return TaskData(task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
                     validation=str(validation) if validation else None, text_columns=columns,

@@ -85,8 +85,8 @@ class TaskData:
 
     def __post_init__(self):
         if (self.task is None) == (self.train is None):
-            raise DataError("give a GLUE task (--task sst2) or your own files (--train FILE --validation FILE "
-                            "--text-columns a,b --label-column y), not both")
+            raise DataError("give either a GLUE task (--task sst2) or your own files (--train FILE --validation FILE "
+                            "--text-columns a,b --label-column y)")
         if self.train is not None and not self.text_columns:
             raise DataError("a custom task needs --text-columns (one or two column names, e.g. question,answer)")
 

