@@ -18,6 +18,7 @@ import sys
 import time
 import types
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,30 +80,36 @@ def ours(engine_name: str, precision: str, args, device) -> list[float]:
     return time_steps(step, device, args.warmup, args.repeats)
 
 
-def original(precision: str, args, device) -> list[float]:
-    """The original general_distill.py inner step (teacher in train mode with autograd, fp32, BertAdam), calling
-    the original's own modules from --original; nothing of it is copied here."""
-    sys.path.insert(0, str(Path(args.original).resolve()))
-    # The original's file_utils imports boto3/botocore for S3 downloads, which a benchmark never makes.
+def import_original(path: str):
+    """The original TinyBERT's `transformer.modeling` and `transformer.optimization`, imported from a checkout.
+    Its file_utils imports boto3/botocore for S3 downloads, which a benchmark never makes: stand-ins satisfy it."""
+    sys.path.insert(0, str(Path(path).resolve()))
     for name in ("boto3", "botocore", "botocore.exceptions"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["botocore.exceptions"].ClientError = Exception
-    from transformer.modeling import BertConfig as OrigConfig  # noqa: E402
-    from transformer.modeling import BertModel as OrigBert
-    from transformer.modeling import TinyBertForPreTraining
-    from transformer.optimization import BertAdam
+    from transformer import modeling, optimization
 
-    def config(preset):
-        c = BertConfig.preset(preset)
-        return OrigConfig(vocab_size_or_config_json_file=c.vocab_size, hidden_size=c.hidden_size,
-                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                          intermediate_size=c.intermediate_size)
+    return modeling, optimization
 
+
+def original_config(config_class, preset: str):
+    """The original's BertConfig for one of our presets."""
+    c = BertConfig.preset(preset)
+    return config_class(vocab_size_or_config_json_file=c.vocab_size, hidden_size=c.hidden_size,
+                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                        intermediate_size=c.intermediate_size)
+
+
+def original(precision: str, args, device) -> list[float]:
+    """The original general_distill.py inner step (teacher in train mode with autograd, fp32, BertAdam), calling
+    the original's own modules from --original; nothing of it is copied here."""
+    modeling, optimization = import_original(args.original)
+    config = partial(original_config, modeling.BertConfig)
     torch.manual_seed(0)
-    teacher = OrigBert(config(args.teacher)).to(device)  # never put in eval() by the original
-    student = TinyBertForPreTraining(config(args.student), fit_size=768).to(device)
+    teacher = modeling.BertModel(config(args.teacher)).to(device)  # never put in eval() by the original
+    student = modeling.TinyBertForPreTraining(config(args.student), fit_size=768).to(device)
     student.train()
-    optimizer = BertAdam(student.parameters(), lr=5e-5, warmup=0.1, t_total=1000)
+    optimizer = optimization.BertAdam(student.parameters(), lr=5e-5, warmup=0.1, t_total=1000)
     b = batch_for(args.batch, args.seq, 30522, device)
     mse = torch.nn.MSELoss()
 

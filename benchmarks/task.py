@@ -15,13 +15,12 @@ import json
 import os
 import statistics
 import sys
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill import machine, time_steps  # noqa: E402  (the sibling benchmark's timing and machine info)
+from distill import import_original, machine, original_config, time_steps  # noqa: E402  (the sibling benchmark)
 
 from tinybert.data import length_grouped_batches, load_task, tokenize  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
@@ -75,25 +74,16 @@ def ours(stage: str, precision: str, batches: list[dict], args) -> list[float]:
 def original(stage: str, batches: list[dict], args) -> list[float]:
     """The original task_distill.py step, calling its own modules (static padding to max_seq_length, the teacher
     under no_grad in both stages, BertAdam); nothing of it is copied here."""
-    sys.path.insert(0, str(Path(args.original).resolve()))
-    for name in ("boto3", "botocore", "botocore.exceptions"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["botocore.exceptions"].ClientError = Exception
-    from transformer.modeling import BertConfig as OrigConfig
-    from transformer.modeling import TinyBertForSequenceClassification
-    from transformer.optimization import BertAdam
+    modeling, optimization = import_original(args.original)
 
     def model(preset):
-        c = BertConfig.preset(preset)
-        config = OrigConfig(vocab_size_or_config_json_file=c.vocab_size, hidden_size=c.hidden_size,
-                            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                            intermediate_size=c.intermediate_size)
-        return TinyBertForSequenceClassification(config, num_labels=2, fit_size=768)
+        config = original_config(modeling.BertConfig, preset)
+        return modeling.TinyBertForSequenceClassification(config, num_labels=2, fit_size=768)
 
     torch.manual_seed(0)
     teacher, student = model(args.teacher), model(args.student)
     student.train()
-    optimizer = BertAdam(student.parameters(), lr=5e-5, warmup=-1 if stage == "stage1" else 0.1, t_total=1000)
+    optimizer = optimization.BertAdam(student.parameters(), lr=5e-5, warmup=-1 if stage == "stage1" else 0.1, t_total=1000)
     mse = torch.nn.MSELoss()
 
     def padded(b):  # the original pads every example to max_seq_length

@@ -8,7 +8,6 @@ scores, which neither HF's `output_attentions` nor the fused kernel give).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
