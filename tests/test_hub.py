@@ -3,7 +3,6 @@ same outputs; checkpoints transformers writes load into our BERT; bad checkpoint
 
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 
 import pytest
