@@ -116,8 +116,8 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(H, H)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, keep: Tensor, with_scores: bool) -> tuple[Tensor, Tensor | None]:
-        """x: (B, T, H); keep: (B, 1, 1, T) bool, True where the key is a real token."""
+    def forward(self, x: Tensor, keep: Tensor | None, with_scores: bool) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, H); keep: (B, 1, 1, T) bool, True where the key is a real token; None when all are."""
         B, T, H = x.shape
         nh, hd = self.num_heads, H // self.num_heads
         q, k, v = (proj(x).view(B, T, nh, hd).transpose(1, 2) for proj in (self.q, self.k, self.v))  # B, nh, T, hd
@@ -125,7 +125,7 @@ class SelfAttention(nn.Module):
         scores = None
         if with_scores:
             scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # B, nh, T, T
-            masked = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            masked = scores if keep is None else scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
             probs = F.dropout(masked.softmax(dim=-1), p=dropout_p, training=self.training)
             context = probs @ v  # B, nh, T, hd
         else:
@@ -147,7 +147,7 @@ class Layer(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: Tensor, keep: Tensor, with_scores: bool) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, keep: Tensor | None, with_scores: bool) -> tuple[Tensor, Tensor | None]:
         attended, scores = self.attn(x, keep, with_scores)
         x = self.attn_norm(x + self.dropout(attended))
         x = self.ffn_norm(x + self.dropout(self.down(self.act(self.up(x)))))
@@ -216,7 +216,8 @@ class Bert(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         L = self.config.num_hidden_layers if num_layers is None else num_layers
-        keep = attention_mask.bool()[:, None, None, :]  # B, 1, 1, T
+        # Without padding the fused kernel runs unmasked, which is faster (transformers drops such masks too).
+        keep = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]  # B, 1, 1, T
         x = self.embeddings(input_ids, token_type_ids)
         hidden_states, attention_scores = [x], {}
         for i, layer in enumerate(self.layers[:L], start=1):

