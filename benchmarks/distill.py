@@ -100,6 +100,21 @@ def original_config(config_class, preset: str):
                         intermediate_size=c.intermediate_size)
 
 
+def original_layer_loss(student_atts, teacher_atts, student_reps, teacher_reps):
+    """The original's intermediate-layer loss as its scripts compute it: the <= -1e2 zeroing on mask-added scores,
+    teacher layer (j+1)*k for student layer j and state j*k for state j (k = N/M), summed MSEs."""
+    mse = torch.nn.functional.mse_loss
+    k = len(teacher_atts) // len(student_atts)
+    loss = 0.0
+    for j, s_att in enumerate(student_atts):
+        t_att = teacher_atts[(j + 1) * k - 1]
+        loss = loss + mse(torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att),
+                          torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att))
+    for j, s_rep in enumerate(student_reps):
+        loss = loss + mse(s_rep, teacher_reps[j * k])
+    return loss
+
+
 def original(precision: str, args, device) -> list[float]:
     """The original general_distill.py inner step (teacher in train mode with autograd, fp32, BertAdam), calling
     the original's own modules from --original; nothing of it is copied here."""
@@ -111,8 +126,6 @@ def original(precision: str, args, device) -> list[float]:
     student.train()
     optimizer = optimization.BertAdam(student.parameters(), lr=5e-5, warmup=0.1, t_total=1000)
     b = batch_for(args.batch, args.seq, 30522, device)
-    mse = torch.nn.MSELoss()
-
     def step():
         # As in general_distill.py: both forwards with autograd, teacher outputs detached afterwards, the
         # <= -1e2 zeroing on mask-added scores, mapped layers k = 12/4, summed MSEs.
@@ -120,14 +133,7 @@ def original(precision: str, args, device) -> list[float]:
         teacher_reps, teacher_atts, _ = teacher(b["input_ids"], b["token_type_ids"], b["attention_mask"])
         teacher_reps = [t.detach() for t in teacher_reps]
         teacher_atts = [t.detach() for t in teacher_atts]
-        k = len(teacher_atts) // len(student_atts)
-        loss = 0.0
-        for j, s_att in enumerate(student_atts):
-            t_att = teacher_atts[(j + 1) * k - 1]
-            loss = loss + mse(torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att),
-                              torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att))
-        for j, s_rep in enumerate(student_reps):
-            loss = loss + mse(s_rep, teacher_reps[j * k])
+        loss = original_layer_loss(student_atts, teacher_atts, student_reps, teacher_reps)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill import import_original, machine, original_config, time_steps  # noqa: E402  (the sibling benchmark)
+from distill import import_original, machine, original_config, original_layer_loss, time_steps  # noqa: E402  (the sibling benchmark)
 
 from tinybert.data import length_grouped_batches, load_task, tokenize  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
@@ -84,7 +84,6 @@ def original(stage: str, batches: list[dict], args) -> list[float]:
     teacher, student = model(args.teacher), model(args.student)
     student.train()
     optimizer = optimization.BertAdam(student.parameters(), lr=5e-5, warmup=-1 if stage == "stage1" else 0.1, t_total=1000)
-    mse = torch.nn.MSELoss()
 
     def padded(b):  # the original pads every example to max_seq_length
         pad = args.seq - b["input_ids"].shape[1]
@@ -98,14 +97,7 @@ def original(stage: str, batches: list[dict], args) -> list[float]:
         with torch.no_grad():
             t_logits, t_atts, t_reps = teacher(ids, types_, mask)
         if stage == "stage1":
-            k = len(t_atts) // len(s_atts)
-            loss = 0.0
-            for j, s_att in enumerate(s_atts):
-                t_att = t_atts[(j + 1) * k - 1]
-                loss = loss + mse(torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att),
-                                  torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att))
-            for j, s_rep in enumerate(s_reps):
-                loss = loss + mse(s_rep, t_reps[j * k])
+            loss = original_layer_loss(s_atts, t_atts, s_reps, t_reps)
         else:
             loss = (-torch.softmax(t_logits, -1) * torch.log_softmax(s_logits, -1)).mean()
         loss.backward()

@@ -444,12 +444,17 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
             {**recipe.to_dict(), "model": str(model), "task": task.name}, sort_keys=False))
     train(stage, engine, recipe, output, steps, resume=resumed, extra_state={"tracker": state}, progress=progress)
     if rank == 0:
-        export(bert, output / "last", tok)
-        write_metrics(output, task, state, state["history"][-1] if state["history"] else None)
-        best = state["best"]
-        echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at step {best['step']}: {output / 'best'}; "
-             f"last: {output / 'last'}")
+        finish(bert, tok, output, task, state, echo, "step")
     return output / "best"
+
+
+def finish(model: Bert, tokenizer, output: Path, task: Task, state: dict, echo, when: str):
+    """After the last epoch: export last/ (best/ is written as it improves), write metrics.json, say where."""
+    export(model, output / "last", tokenizer)
+    write_metrics(output, task, state, state["history"][-1] if state["history"] else None)
+    best = state["best"]
+    echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at {when} {best['step']}: {output / 'best'}; "
+         f"last: {output / 'last'}")
 
 
 # ------------------------------------------------------------------------------------------------ task distillation
@@ -601,11 +606,7 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     train(stage2, engine, r2, output / "stage2", steps2, resume=resumed, extra_state={"tracker": state},
           progress=progress)
     if rank == 0:
-        export(student2, output / "last", tok)
-        write_metrics(output, task, state, state["history"][-1] if state["history"] else None)
-        best = state["best"]
-        echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at stage-2 step {best['step']}: "
-             f"{output / 'best'}; last: {output / 'last'}")
+        finish(student2, tok, output, task, state, echo, "stage-2 step")
     return output / "best"
 
 
