@@ -203,9 +203,13 @@ def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: to
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
+    # The fused kernel updates each tensor in one pass; torch's CPU default loops over tensors with several passes
+    # each, which is most of a small student's step (TinyBERT4 on CPU: ~140 ms of Adam per step against ~23 ms).
+    # DeepSpeed keeps the default: its ZeRO optimizers step flattened partitions of their own.
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.learning_rate, betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
+        fused=True if recipe.deepspeed is None and device.type in ("cpu", "cuda") else None,
     )
     scheduler = get_scheduler(recipe.scheduler, optimizer, num_warmup_steps=int(recipe.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
