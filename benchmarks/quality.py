@@ -55,7 +55,7 @@ DEFAULTS = {  # option: (full run, --quick), help
     "stage1_epochs": ((2.0, 1.0), "task distillation stage 1 (intermediate layers) epochs, lr 5e-5 constant"),
     "stage2_epochs": ((3.0, 1.0), "stage 2 (predictions) epochs, and the twin's"),
     "lr": ((1e-4, 1e-4), "learning rate of stage 2 and of the twin"),
-    "general_steps": ((2000, 20), "general distillation optimizer steps"),
+    "general_steps": ((1000, 20), "general distillation optimizer steps"),
     "general_batch": ((32, 8), "general distillation batch (sequences)"),
     "general_seq": ((128, 64), "general distillation sequence length"),
     "general_lr": ((1e-4, 1e-4), "general distillation learning rate"),
