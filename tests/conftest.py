@@ -2,6 +2,7 @@
 
 import importlib.resources
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,15 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}; set TINYBERT_DATA to the folder holding glue/ and corpus/")
     return DATA
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Path:
+    """A folder for the fixtures a test module shares. Their runs write hundreds of MB each (weights, optimizer
+    state), so the folder goes when the module's tests are done, unless one of them failed (then it stays for a look,
+    as pyproject.toml's tmp_path_retention_policy keeps a failed test's tmp_path)."""
+    failed = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)

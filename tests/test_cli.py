@@ -141,13 +141,14 @@ def test_init_from_teacher_copies_exactly_the_chosen_layers(minilm_dir, tmp_path
 
 
 @pytest.fixture(scope="module")
-def dirs(minilm_dir, tmp_path_factory):
+def dirs(minilm_dir, module_tmp):
     """A small valid teacher (MiniLM tokenizer), broken copies of it, a tokenizer with an 8-token vocabulary, and
     an --output directory that already holds a model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    root = tmp_path_factory.mktemp("cli")
+    root = module_tmp / "cli"
+    root.mkdir()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(minilm_dir)
     teacher = root / "teacher"
@@ -217,11 +218,11 @@ BAD = {
 
 
 @pytest.fixture(scope="module")
-def bad_runs(dirs, minilm_dir, tmp_path_factory):
+def bad_runs(dirs, minilm_dir, module_tmp):
     """Run every BAD case at once (each pays ~2 s of `import torch`, so they overlap): case -> (result, expected
     error text, snapshot of its --output before, snapshot after)."""
     names = {**{k: str(v) for k, v in dirs.items()}, "minilm": str(minilm_dir)}
-    root = tmp_path_factory.mktemp("outputs")
+    root = module_tmp / "outputs"
 
     def run(case):
         args, expected = BAD[case]
@@ -229,7 +230,7 @@ def bad_runs(dirs, minilm_dir, tmp_path_factory):
         output = None
         if args[0] == "init":
             output = root / case.replace(" ", "-")
-            shutil.copytree(dirs["existing"], output)
+            shutil.copytree(dirs["existing"], output, copy_function=os.link)  # links: a change still shows
             args += ["--output", str(output)] + ([] if case == "output not empty" else ["--overwrite"])
         before = _snapshot(output) if output else None
         result = tinybert(*args)

@@ -47,8 +47,8 @@ def books() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("corpus-cache")
+def cache_dir(module_tmp) -> Path:
+    return module_tmp
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,10 @@ needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"shared GLUE data not
 
 
 @pytest.fixture(autouse=True, scope="module")
-def datasets_cache(tmp_path_factory):
+def datasets_cache(module_tmp):
     """Arrow tables and map caches go to a temporary folder, not ~/.cache."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(module_tmp))
         datasets.disable_progress_bars()
         yield
         datasets.enable_progress_bars()

@@ -320,9 +320,9 @@ def test_two_micro_batches_of_16_make_the_update_of_one_batch_of_32(minilm_dir, 
 
 
 @pytest.fixture(scope="module")
-def previous_run(minilm_dir, books, tmp_path_factory) -> Path:
+def previous_run(minilm_dir, books, module_tmp) -> Path:
     """A finished 2-step run (checkpoints at steps 1 and 2) that bad commands must leave as it is."""
-    output = tmp_path_factory.mktemp("previous") / "run"
+    output = module_tmp / "previous"
     ok(distill(minilm_dir, books / CAROL, output, *SMALL, "max_steps=2", "save_every=1", "heldout_fraction=0",
                "precision=fp32", "layer_map=[0,2,3,5,6]"))
     assert checkpoint_steps(output) == [1, 2]
@@ -330,8 +330,9 @@ def previous_run(minilm_dir, books, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(minilm_dir, books, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("bad")
+def bad_inputs(minilm_dir, books, module_tmp) -> dict:
+    root = module_tmp / "bad"
+    root.mkdir()
     (root / "empty.txt").write_text("\n  \n\t\n")
     (root / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.\n".encode("latin-1"))
     save_student(root / "vocab-1000", minilm_dir, vocab_size=1000, hidden_size=96, num_hidden_layers=2,
@@ -368,17 +369,17 @@ BAD = {
 
 
 @pytest.fixture(scope="module")
-def bad_runs(previous_run, bad_inputs, tmp_path_factory) -> dict:
+def bad_runs(previous_run, bad_inputs, module_tmp) -> dict:
     """Every BAD case against its own copy of `previous_run`, two at a time: case -> (result, expected text,
     snapshot of the copy before, after)."""
-    root = tmp_path_factory.mktemp("bad-runs")
+    root = module_tmp / "bad-runs"
 
     def run(case):
         extra, expected = BAD[case]
         names = {k: str(v) for k, v in bad_inputs.items()}
         extra = [a.format(**names) for a in extra]
         output = root / case.replace(" ", "-")
-        shutil.copytree(previous_run, output)
+        shutil.copytree(previous_run, output, copy_function=os.link)  # links: a change still shows
         teacher = [] if "--teacher" in extra else ["--teacher", names["minilm"]]
         flags = [] if case == "run in output" else ["--overwrite"]
         before = snapshot(output)

@@ -151,12 +151,12 @@ def _log(path: Path, records: list[dict]):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, minilm_dir) -> Path:
+def run(module_tmp, minilm_dir) -> Path:
     """Run directories laid out as tinybert's commands leave them, with tiny models and the MiniLM tokenizer:
     runs/general (general distillation: recipe.yaml, log.jsonl, student/) and runs/tinybert-sst2 (task distillation
     from runs/general/student: recipe.yaml with one recipe per stage, stage1/log.jsonl, stage1/student/,
     stage2/log.jsonl, best/, last/, metrics.json), plus a bench JSON. Returns the task run."""
-    runs = tmp_path_factory.mktemp("runs")
+    runs = module_tmp
     general, run = runs / "general", runs / "tinybert-sst2"
     tokenizer = load_tokenizer(minilm_dir)
     bare = BertConfig.preset("tinybert-4l-312d", vocab_size=len(tokenizer), **SMALL)

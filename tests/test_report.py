@@ -32,7 +32,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory, minilm_dir, data_dir) -> Path:
+def real_run(module_tmp, minilm_dir, data_dir) -> Path:
     """Six steps of general distillation of the MiniLM teacher on one book, evaluated every third step (~40 s)."""
     from tinybert.general import run_general
     from tinybert.recipe import load_recipe
@@ -40,7 +40,7 @@ def real_run(tmp_path_factory, minilm_dir, data_dir) -> Path:
     book = data_dir / "corpus" / "gutenberg" / "pg11_alices_adventures_in_wonderland.txt"
     if not book.is_file():
         pytest.skip(f"{book} is missing")
-    output = tmp_path_factory.mktemp("report") / "general"
+    output = module_tmp / "general"
     recipe = load_recipe("general", ["batch_size=4", "max_seq_length=32", "max_steps=6", "eval_every=3",
                                      "precision=fp32", "layer_map=[0,2,3,5,6]"])
     run_general(recipe, teacher=str(minilm_dir), corpus=[str(book)], output=output, progress=False,

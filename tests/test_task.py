@@ -61,28 +61,28 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("TINYBERT_TRACEBACK", raising=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def glue(data_dir) -> Path:
     return data_dir / "glue"
 
 
-@pytest.fixture(scope="session")
-def student_dir(minilm_dir, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def student_dir(minilm_dir, module_tmp) -> Path:
     """A 2-layer student made of MiniLM layers 3 and 6, as `tinybert init --from-teacher` writes it."""
-    path = tmp_path_factory.mktemp("student")
+    path = module_tmp / "student"
     code, _, err = cli("init", "--from-teacher", minilm_dir, "--layers", "3,6", "--output", path)
     assert code == 0, err
     return path
 
 
-@pytest.fixture(scope="session")
-def finetuned(minilm_dir, glue, tmp_path_factory):
-    """task -> (run directory, printed output) of the MiniLM fine-tuned on 8 rows of it; made once per session."""
+@pytest.fixture(scope="module")
+def finetuned(minilm_dir, glue, module_tmp):
+    """task -> (run directory, printed output) of the MiniLM fine-tuned on 8 rows of it; made once per module."""
     runs = {}
 
     def get(name: str):
         if name not in runs:
-            output = tmp_path_factory.mktemp(f"finetune-{name}") / "run"
+            output = module_tmp / f"finetune-{name}"
             code, out, err = cli("finetune", "--task", name, "--model", minilm_dir, "--data-dir", glue,
                                  "--output", output, *SMALL, "epochs=2", "save_every=100")  # one checkpoint
             assert code == 0, err
@@ -359,21 +359,22 @@ def test_augmented_files_in_glue_layout_and_with_named_columns(glue, tmp_path):
 # ------------------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.fixture(scope="session")
-def three_label_dir(minilm_dir, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def three_label_dir(minilm_dir, module_tmp) -> Path:
     """The MiniLM with a 3-label (MNLI) head."""
-    path = tmp_path_factory.mktemp("three-labels")
+    path = module_tmp / "three-labels"
     save_model(with_head(load_model(minilm_dir), get_task("mnli"), "minilm"), path, load_tokenizer(minilm_dir))
     return path
 
 
-@pytest.fixture(scope="session")
-def other_vocab_students(student_dir, tmp_path_factory) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def other_vocab_students(student_dir, module_tmp) -> dict[str, Path]:
     """Students whose vocabulary differs from the MiniLM's: in size, and in its tokens only."""
-    size = tmp_path_factory.mktemp("vocab-size")
+    size = module_tmp / "vocab-size"
     save_model(Bert(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64)), size)
-    tokens = tmp_path_factory.mktemp("vocab-tokens")
+    tokens = module_tmp / "vocab-tokens"
+    tokens.mkdir()
     for file in student_dir.iterdir():
         shutil.copy(file, tokens / file.name)
     tokenizer = json.loads((tokens / "tokenizer.json").read_text())
