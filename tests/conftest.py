@@ -32,6 +32,21 @@ def data_dir() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches(tmp_path_factory):
+    """datasets' tables and the teacher-logit cache go to the session's temp folder, not the user's ~/.cache: set in
+    the environment for the CLI subprocesses, and in datasets.config for this process (it reads the variable once,
+    at import)."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(root / "datasets"))
+        mp.setenv("TINYBERT_CACHE", str(root / "tinybert"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def module_tmp(request, tmp_path_factory) -> Path:
     """A folder for the fixtures a test module shares. Their runs write hundreds of MB each (weights, optimizer
