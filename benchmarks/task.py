@@ -1,7 +1,8 @@
 """Task-distillation throughput (examples/s) on real SST-2 train batches, sequence 64: a BERT-base-shaped teacher
 into TinyBERT4, stage 1 (embedding + hidden + attention) and stage 2 (prediction loss from cached teacher logits,
 so no teacher forward), fp32 and bf16; optionally the original `task_distill.py` step (static padding to 64, the
-teacher re-run in both stages) from a checkout given with --original.
+teacher re-run in both stages) from a checkout given with --original. Then the teacher-logit cache stage 2 relies
+on: the pipeline's own cache function called twice on SST-2 rows, with the teacher's forward calls counted.
 
     python benchmarks/task.py [--original PATH/TO/TinyBERT] [--quick]
 
@@ -15,6 +16,8 @@ import json
 import os
 import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -31,9 +34,9 @@ from tinybert.task import collate_batch  # noqa: E402
 from tinybert.train import build_engine  # noqa: E402
 
 
-def sst2_batches(args) -> tuple[list[dict], dict]:
+def sst2_batches(args) -> tuple[list[dict], dict, object]:
     """Real SST-2 train batches of 32 as the task pipeline makes them (length-grouped, dynamically padded), chosen so
-    that their lengths spread as an epoch's do, and the lengths of both.
+    that their lengths spread as an epoch's do; the lengths of both; the tokenised train split.
 
     Our step's cost follows the batch's padded length (4 to 64 tokens here) and the first few batches of an epoch's
     random order are a poor sample of it: the first 20 average 16.5 tokens, an epoch 14.0. So the batches are taken
@@ -59,7 +62,7 @@ def sst2_batches(args) -> tuple[list[dict], dict]:
         rows = train[indices]
         features = [dict(zip(rows, values)) for values in zip(*rows.values())]
         batches.append(collate_batch(features, tokenizer.pad_token_id))
-    return batches, lengths
+    return batches, lengths, train
 
 
 def ours(stage: str, precision: str, batches: list[dict], args) -> list[float]:
@@ -121,6 +124,34 @@ def original(stage: str, batches: list[dict], args) -> list[float]:
     return time_steps(step, torch.device("cpu"), args.warmup, args.repeats)
 
 
+def logit_cache(train, args) -> dict:
+    """The pipeline's teacher-logit cache (tinybert.task.teacher_logits) on the first --cache-rows SST-2 train rows,
+    twice, with the teacher's forward calls counted by a hook: the first call runs the teacher and stores the logits,
+    the second (what every later stage-2 epoch and run does) reads them and runs none."""
+    from tinybert.hub import load_model, save_model
+    from tinybert.task import teacher_logits
+
+    rows = train.select(range(min(args.cache_rows, len(train))))
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TINYBERT_CACHE"] = str(Path(tmp) / "cache")
+        torch.manual_seed(0)
+        save_model(Bert(BertConfig.preset(args.teacher, num_labels=2)), Path(tmp) / "teacher")
+        teacher = load_model(Path(tmp) / "teacher")
+        forwards = []
+        teacher.register_forward_hook(lambda *_: forwards.append(1))
+        calls = []
+        for attempt in ("first", "second"):
+            before, start = len(forwards), time.perf_counter()
+            logits, record = teacher_logits(teacher, str(Path(tmp) / "teacher"), rows, args.seq, 0, 2 * args.batch,
+                                            torch.device("cpu"), echo=lambda *_: None)
+            calls.append({"call": attempt, "cache": record["cache"], "seconds": time.perf_counter() - start,
+                          "teacher_forwards": len(forwards) - before, "rows": len(rows)})
+            print(f"  logits {attempt:<6} {record['cache']:<4} {calls[-1]['seconds']:7.2f} s "
+                  f"{calls[-1]['teacher_forwards']:4d} teacher forwards", flush=True)
+        del os.environ["TINYBERT_CACHE"]
+    return {"rows": len(rows), "calls": calls}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="bert-base")
@@ -131,12 +162,13 @@ def main():
     p.add_argument("--original", help="path to the original TinyBERT folder (holds transformer/)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--cache-rows", type=int, default=2048, help="SST-2 rows for the logit-cache check (0: skip)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.quick:
-        args.repeats, args.warmup = 2, 1
-    batches, lengths = sst2_batches(args)
+        args.repeats, args.warmup, args.cache_rows = 2, 1, min(args.cache_rows, 256)
+    batches, lengths, train = sst2_batches(args)
     rows = []
     for stage in ("stage1", "stage2"):
         runs = [("tinybert", prec) for prec in args.precisions.split(",")]
@@ -160,10 +192,16 @@ def main():
         ratio = f"{r['examples_per_s'] / base:.1f}x" if base else "-"
         print(f"{r['stage']:<8}{r['impl']:<10}{r['precision']:<11}{r['mean_s']:>9.2f}{r['examples_per_s']:>12.1f}"
               f"{ratio:>13}")
+    cache = logit_cache(train, args) if args.cache_rows > 0 else None
+    if cache:
+        first, second = cache["calls"]
+        print(f"\nteacher logits for stage 2 on {cache['rows']} rows: first call {first['cache']} "
+              f"({first['teacher_forwards']} teacher forwards, {first['seconds']:.1f} s), second call "
+              f"{second['cache']} ({second['teacher_forwards']} teacher forwards, {second['seconds']:.1f} s)")
     out = args.json or Path(__file__).parent / "results" / "task-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(torch.device("cpu")), "config": vars(args) | {"json": str(out)},
-                               "batches": lengths,
+                               "batches": lengths, "logit_cache": cache,
                                "rows": rows}, indent=2, default=str))
     print(f"wrote {out}")
 
