@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -55,14 +56,14 @@ def sst2_batches(args) -> tuple[list[dict], dict, object]:
     chosen = [by_length[int((k + 0.5) * len(epoch) / n)] for k in range(n)]
     chosen = [chosen[k] for k in torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()]
     timed = [padded[k] for k in chosen[args.warmup:]]
-    lengths = {"epoch_batches": len(epoch), "epoch_mean_padded_length": statistics.fmean(padded),
-               "timed_mean_padded_length": statistics.fmean(timed), "timed_padded_lengths": timed}
+    sample = {"epoch_batches": len(epoch), "epoch_mean_padded_length": statistics.fmean(padded),
+              "timed_mean_padded_length": statistics.fmean(timed), "timed_padded_lengths": timed}
     batches = []
     for indices in (epoch[k] for k in chosen):
         rows = train[indices]
         features = [dict(zip(rows, values)) for values in zip(*rows.values())]
         batches.append(collate_batch(features, tokenizer.pad_token_id))
-    return batches, lengths, train
+    return batches, sample, train
 
 
 def ours(stage: str, precision: str, batches: list[dict], args) -> list[float]:
@@ -132,23 +133,21 @@ def logit_cache(train, args) -> dict:
     from tinybert.task import teacher_logits
 
     rows = train.select(range(min(args.cache_rows, len(train))))
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["TINYBERT_CACHE"] = str(Path(tmp) / "cache")
+    calls = []
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"TINYBERT_CACHE": f"{tmp}/cache"}):
         torch.manual_seed(0)
         save_model(Bert(BertConfig.preset(args.teacher, num_labels=2)), Path(tmp) / "teacher")
         teacher = load_model(Path(tmp) / "teacher")
         forwards = []
         teacher.register_forward_hook(lambda *_: forwards.append(1))
-        calls = []
         for attempt in ("first", "second"):
             before, start = len(forwards), time.perf_counter()
-            logits, record = teacher_logits(teacher, str(Path(tmp) / "teacher"), rows, args.seq, 0, 2 * args.batch,
-                                            torch.device("cpu"), echo=lambda *_: None)
+            _, record = teacher_logits(teacher, f"{tmp}/teacher", rows, args.seq, 0, 2 * args.batch,
+                                       torch.device("cpu"), echo=lambda *_: None)
             calls.append({"call": attempt, "cache": record["cache"], "seconds": time.perf_counter() - start,
                           "teacher_forwards": len(forwards) - before, "rows": len(rows)})
             print(f"  logits {attempt:<6} {record['cache']:<4} {calls[-1]['seconds']:7.2f} s "
                   f"{calls[-1]['teacher_forwards']:4d} teacher forwards", flush=True)
-        del os.environ["TINYBERT_CACHE"]
     return {"rows": len(rows), "calls": calls}
 
 
@@ -168,7 +167,7 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.repeats, args.warmup, args.cache_rows = 2, 1, min(args.cache_rows, 256)
-    batches, lengths, train = sst2_batches(args)
+    batches, sample, train = sst2_batches(args)
     rows = []
     for stage in ("stage1", "stage2"):
         runs = [("tinybert", prec) for prec in args.precisions.split(",")]
@@ -184,8 +183,8 @@ def main():
             print(f"  {stage} {impl:<9} {precision:<5} {mean:6.2f} s/batch {args.batch / mean:8.1f} ex/s", flush=True)
     print(f"\ntask distillation on SST-2 train batches of {args.batch}, max sequence {args.seq}: {args.teacher} -> "
           f"{args.student}, cpu, {torch.get_num_threads()} threads; {args.repeats} batches timed, "
-          f"{lengths['timed_mean_padded_length']:.1f} tokens on average (an epoch's {lengths['epoch_batches']} batches: "
-          f"{lengths['epoch_mean_padded_length']:.1f})")
+          f"{sample['timed_mean_padded_length']:.1f} tokens on average (an epoch's {sample['epoch_batches']} batches: "
+          f"{sample['epoch_mean_padded_length']:.1f})")
     print(f"{'stage':<8}{'impl':<10}{'precision':<11}{'s/batch':>9}{'examples/s':>12}{'vs original':>13}")
     for r in rows:
         base = next((o["examples_per_s"] for o in rows if o["impl"] == "original" and o["stage"] == r["stage"]), None)
@@ -201,7 +200,7 @@ def main():
     out = args.json or Path(__file__).parent / "results" / "task-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(torch.device("cpu")), "config": vars(args) | {"json": str(out)},
-                               "batches": lengths, "logit_cache": cache,
+                               "batches": sample, "logit_cache": cache,
                                "rows": rows}, indent=2, default=str))
     print(f"wrote {out}")
 

@@ -37,13 +37,11 @@ needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"shared GLUE data not
 
 
 @pytest.fixture(autouse=True, scope="module")
-def datasets_cache(module_tmp):
-    """Arrow tables and map caches go to a temporary folder, not ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(module_tmp))
-        datasets.disable_progress_bars()
-        yield
-        datasets.enable_progress_bars()
+def quiet_datasets():
+    """No progress bars in the test output (conftest's _caches keeps the Arrow tables out of ~/.cache)."""
+    datasets.disable_progress_bars()
+    yield
+    datasets.enable_progress_bars()
 
 
 @pytest.fixture(scope="module")
