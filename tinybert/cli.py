@@ -261,6 +261,44 @@ def evaluate(
 
 
 @app.command()
+def augment(
+    output: Path = typer.Option(..., "--output", "-o", help="The augmented train file (GLUE: *.tsv in the task's "
+                                                            "layout; your own: *.csv, *.tsv or *.jsonl)."),
+    mlm: Optional[str] = typer.Option(None, help="Masked LM directory or hub id (AutoModelForMaskedLM), e.g. "
+                                                 "bert-base-uncased; its own tokenizer splits the words."),
+    word_vectors: Optional[Path] = typer.Option(None, help="GloVe text file: neighbours for words of several "
+                                                           "pieces (or every word with --candidates-from vectors)."),
+    task: Optional[str] = TASK_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    train: Optional[Path] = typer.Option(None, help="Your own train file (CSV, TSV, JSON or JSONL) instead of --task."),
+    text_columns: Optional[str] = TEXT_COLUMNS_OPTION,
+    label_column: str = LABEL_COLUMN_OPTION,
+    copies: Optional[int] = typer.Option(None, help="N: variants tried per sentence (default 20; 10 for mnli, qqp)."),
+    mask_prob: float = typer.Option(0.4, help="p: probability that each word is replaced in a variant."),
+    candidates: int = typer.Option(15, help="K: candidates per word."),
+    candidates_from: str = typer.Option("both", help="both: MLM for one-piece words, vectors for the others "
+                                                     "(paper); mlm; vectors."),
+    mlm_input: str = typer.Option("pair", help="pair: the MLM reads [CLS] masked [SEP] original [SEP] (the "
+                                               "original's); masked: the masked sentence alone."),
+    seed: int = typer.Option(42, help="Same seed, inputs and settings: the same file, byte for byte."),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16 for the MLM's forwards."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --output."),
+):
+    """TinyBERT's data augmentation: N variants of every train sentence, words replaced by MLM or word-vector
+    candidates. A killed run re-run with the same arguments goes on where it stopped."""
+    from tinybert.augment import DEFAULT_COPIES, AugmentSettings, run_augment
+
+    columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
+    settings = AugmentSettings(
+        copies=copies if copies is not None else DEFAULT_COPIES.get((task or "").lower(), 20), mask_prob=mask_prob,
+        candidates=candidates, candidates_from=candidates_from, mlm_input=mlm_input, seed=seed, precision=precision)
+    run_augment(output=output, mlm=mlm, word_vectors=str(word_vectors) if word_vectors else None, settings=settings,
+                task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
+                text_columns=columns, label_column=label_column, overwrite=overwrite, echo=typer.echo,
+                progress=sys.stderr.isatty())
+
+
+@app.command()
 def push(
     model_dir: Path = typer.Argument(..., help="The exported model directory (e.g. RUN/student)."),
     repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME of the Hub repository (created if missing)."),
