@@ -203,6 +203,20 @@ def test_killed_run_rerun_gives_the_same_file(data_dir, mlm_dir, glove, tmp_path
     assert out.read_bytes() == reference.read_bytes() and not partial.exists()
 
 
+def test_two_processes_under_torchrun_write_the_same_file(data_dir, mlm_dir, glove, tmp_path):
+    """Each rank takes every other shard, rank 0 merges: the file equals the one-process run's, byte for byte."""
+    glue = sst2_rows(data_dir, 600, tmp_path)  # 3 shards
+    args = ["augment", "--task", "sst2", "--data-dir", glue, "--mlm", mlm_dir, "--word-vectors", glove, "--copies", 3]
+    assert tinybert(*args, "--output", tmp_path / "one.tsv").returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*torchrun, "-m", "tinybert.cli", *map(str, args), "--output", str(tmp_path / "two.tsv")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("augment: 600 rows") == 1 and result.stdout.count("wrote ") == 1  # rank 0 speaks
+    assert (tmp_path / "two.tsv").read_bytes() == (tmp_path / "one.tsv").read_bytes()
+
+
 def test_changed_setting_starts_afresh(data_dir, glove, tmp_path):
     glue = sst2_rows(data_dir, 300, tmp_path)
     out, partial = tmp_path / "aug.tsv", tmp_path / "aug.tsv.partial"

@@ -599,6 +599,8 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     from tinybert.train import default_device, resolve_precision
 
     output = Path(output)
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher only rank 0 speaks
+        echo, progress = (lambda *_: None), False
     if settings is None:
         settings = AugmentSettings(copies=DEFAULT_COPIES.get((task or "").lower(), 20))
     if settings.candidates_from != "vectors" and mlm is None:
@@ -636,7 +638,7 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     stats = {"output": str(path), "source_rows": len(table.rows), "load_s": round(loaded, 2),
              "augment_s": round(seconds, 2),
              "sentences_per_s": round(len(table.rows) * len(table.text_fields) / max(seconds, 1e-9), 1)}
-    if path.is_file():
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(path, encoding="utf-8") as f:
             stats["output_rows"] = sum(1 for _ in f) - (1 if table.header and table.kind != "jsonl" else 0)
         echo(f"wrote {path}: {stats['output_rows']} rows from {len(table.rows)} "
