@@ -330,3 +330,17 @@ def test_empty_train_file(glove, tmp_path):
                       "--word-vectors", glove, "--output", tmp_path / "out.csv")
     _one_line_error(result, "empty.csv")
     assert not (tmp_path / "out.tsv").exists() and not (tmp_path / "out.csv").exists()
+
+
+def test_hub_task_offline_says_what_to_pass(glove, tmp_path):
+    """Without --data-dir a GLUE task comes from the hub (nyu-mll/glue); offline that is one line naming --data-dir."""
+    bad_kind = tinybert("augment", "--task", "sst2", "--candidates-from", "vectors", "--word-vectors", glove,
+                        "--output", tmp_path / "aug.tsv")
+    _one_line_error(bad_kind, "nyu-mll/glue/sst2", "*.jsonl")
+    offline = subprocess.run(
+        [sys.executable, "-m", "tinybert.cli", "augment", "--task", "sst2", "--candidates-from", "vectors",
+         "--word-vectors", str(glove), "--output", str(tmp_path / "aug.jsonl")],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, capture_output=True,
+        text=True, timeout=300)
+    _one_line_error(offline, "nyu-mll/glue/sst2", "--data-dir")
+    assert not (tmp_path / "aug.jsonl").exists()

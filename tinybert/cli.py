@@ -276,6 +276,7 @@ def augment(
     copies: Optional[int] = typer.Option(None, help="N: variants tried per sentence (default 20; 10 for mnli, qqp)."),
     mask_prob: float = typer.Option(0.4, help="p: probability that each word is replaced in a variant."),
     candidates: int = typer.Option(15, help="K: candidates per word."),
+    vectors_limit: int = typer.Option(100_000, help="Read the word-vectors file's first N lines (the original's)."),
     candidates_from: str = typer.Option("both", help="both: MLM for one-piece words, vectors for the others "
                                                      "(paper); mlm; vectors."),
     mlm_input: str = typer.Option("pair", help="pair: the MLM reads [CLS] masked [SEP] original [SEP] (the "
@@ -291,7 +292,8 @@ def augment(
     columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
     settings = AugmentSettings(
         copies=copies if copies is not None else DEFAULT_COPIES.get((task or "").lower(), 20), mask_prob=mask_prob,
-        candidates=candidates, candidates_from=candidates_from, mlm_input=mlm_input, seed=seed, precision=precision)
+        candidates=candidates, candidates_from=candidates_from, mlm_input=mlm_input, seed=seed,
+        vectors_limit=vectors_limit, precision=precision)
     run_augment(output=output, mlm=mlm, word_vectors=str(word_vectors) if word_vectors else None, settings=settings,
                 task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
                 text_columns=columns, label_column=label_column, overwrite=overwrite, echo=typer.echo,
