@@ -118,6 +118,13 @@ def format_table(results: list[dict], speedup: dict | None = None) -> str:
 def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Path | None, echo=print) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if dtype == "auto":  # the run's own probe: bf16 where it measures fast on this device
+        from tinybert.hub import read_config
+        from tinybert.model import BertConfig
+        from tinybert.train import resolve_precision
+
+        config = read_config(model) if Path(model).is_dir() else BertConfig.preset(model)
+        dtype = resolve_precision("auto", torch.device(device), config, echo)
     results = [benchmark(model, device=device, dtype=dtype)]
     speedup = None
     if vs:

@@ -341,14 +341,14 @@ def bench(
     model: str = typer.Argument(..., help="Model directory or preset."),
     vs: Optional[str] = typer.Option(None, "--vs", help="Another model to compare with (e.g. the teacher)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 (autocast), or auto (bf16 where it measures faster)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: MODEL/bench.json)."),
 ):
     """Parameters, size on disk, latency p50/p95 at batch 1 and throughput at batch 32 (sequence 128)."""
     from tinybert.bench import run_bench
 
-    if device not in ("cpu", "cuda") or dtype not in ("fp32", "bf16"):
-        raise click_errors.UsageError("--device is cpu or cuda and --dtype fp32 or bf16")
+    if device not in ("cpu", "cuda") or dtype not in ("fp32", "bf16", "auto"):
+        raise click_errors.UsageError("--device is cpu or cuda and --dtype fp32, bf16 or auto")
     run_bench(model, vs, device, dtype, json_path, echo=typer.echo)
 
 

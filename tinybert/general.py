@@ -23,7 +23,7 @@ from tinybert.train import (
     build_engine,
     checkpoints,
     default_device,
-    resolve_precision,
+    decide_precision,
     init_deepspeed,
     load_checkpoint,
     seed_everything,
@@ -108,13 +108,14 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     """Distil `teacher` into `student` on `corpus`; returns the exported student directory (None on a dry run)."""
     output = Path(output)
     device = default_device()
-    recipe = dataclasses.replace(recipe, precision=resolve_precision(recipe.precision, device))
     checkpoint = None if dry_run else prepare_output(output, resume=resume, overwrite=overwrite)
     if recipe.deepspeed is not None and not dry_run:
         init_deepspeed()
     rank, world_size = world()
     seed_everything(recipe.seed)
     teacher_model = load_model(teacher)
+    verdict = decide_precision(recipe.precision, device, teacher_model.config, echo if rank == 0 else None)
+    recipe = dataclasses.replace(recipe, precision=verdict.precision)
     tokenizer = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
     student_model = build_student(student, teacher_model)
     terms = {name: weight for name, weight in recipe.terms.items() if name != "prediction"}
@@ -157,7 +158,8 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(yaml.safe_dump(
-            {**recipe.to_dict(), "teacher": str(teacher), "student": student, "corpus": [str(c) for c in corpus]},
+            {**recipe.to_dict(), "teacher": str(teacher), "student": student, "corpus": [str(c) for c in corpus],
+             "precision_decision": verdict.to_dict()},
             sort_keys=False))
         if checkpoint:
             echo(f"resuming from {checkpoint} (step {state['step']} of {steps})")

@@ -57,7 +57,7 @@ from tinybert.train import (
     checkpoints,
     default_device,
     load_checkpoint,
-    resolve_precision,
+    decide_precision,
     seed_everything,
     total_steps,
     train,
@@ -402,11 +402,12 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
     device = default_device()
     recipe, source = for_task(recipe, task)
-    recipe = dataclasses.replace(recipe, precision=resolve_precision(recipe.precision, device))
     seed_everything(recipe.seed)
     if tokenizer is None and str(model) in PRESETS and not Path(model).exists():
         raise CheckpointError(f"{model} is a preset with no tokenizer; pass --tokenizer DIR (the teacher's)")
     bert = load_model(model)
+    verdict = decide_precision(recipe.precision, device, bert.config, echo if rank == 0 else None)
+    recipe = dataclasses.replace(recipe, precision=verdict.precision)
     tok = load_tokenizer(tokenizer or model, vocab_size=bert.config.vocab_size)
     bert = with_head(bert, task, f"model {model}")
     tokenized = tokenize(datasets.DatasetDict(raw), tok, recipe.max_seq_length)
@@ -441,7 +442,8 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(yaml.safe_dump(
-            {**recipe.to_dict(), "model": str(model), "task": task.name}, sort_keys=False))
+            {**recipe.to_dict(), "model": str(model), "task": task.name, "precision_decision": verdict.to_dict()},
+            sort_keys=False))
     train(stage, engine, recipe, output, steps, resume=resumed, extra_state={"tracker": state}, progress=progress)
     if rank == 0:
         finish(bert, tok, output, task, state, echo, "step")
@@ -496,10 +498,13 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
     device = default_device()
     (r1, source1), (r2, source2) = for_task(recipe.stage("stage1"), task), for_task(recipe.stage("stage2"), task)
-    r1, r2 = (dataclasses.replace(r, precision=resolve_precision(r.precision, device)) for r in (r1, r2))
     prediction = _prediction_mode(r2, task, echo)
     seed_everything(recipe.seed)
     teacher_model = load_model(teacher)
+    say = echo if rank == 0 else None
+    v1 = decide_precision(r1.precision, device, teacher_model.config, say)
+    v2 = v1 if r2.precision == r1.precision else decide_precision(r2.precision, device, teacher_model.config, say)
+    r1, r2 = dataclasses.replace(r1, precision=v1.precision), dataclasses.replace(r2, precision=v2.precision)
     check_head(teacher_model, task, f"teacher {teacher}")
     tok = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
     student_model = with_head(build_student(student, teacher_model), task, f"student {student}")
@@ -557,7 +562,8 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(yaml.safe_dump(
             {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction}, "teacher": str(teacher),
-             "student": str(student), "task": task.name, "augmented": data.augmented}, sort_keys=False))
+             "student": str(student), "task": task.name, "augmented": data.augmented,
+             "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}}, sort_keys=False))
         if needs_logits:
             (output / "stage2").mkdir(parents=True, exist_ok=True)
             with (output / "stage2" / "log.jsonl").open("a") as f:
