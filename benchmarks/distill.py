@@ -26,7 +26,17 @@ import torch
 from tinybert.distill import Distiller
 from tinybert.model import Bert, BertConfig
 from tinybert.recipe import build_recipe
-from tinybert.train import build_engine, world
+from tinybert.train import build_engine, decide_precision, teacher_dtype, world
+
+
+def resolve(precision: str, teacher: str, device) -> tuple[str, dict | None]:
+    """A row's precision: fp32 and bf16 as they are; auto as the run's probe decides it (its verdict recorded);
+    bf16-fp32teacher is bf16 with the teacher kept in fp32 weights (the choice before teacher_dtype, for the
+    comparison)."""
+    if precision != "auto":
+        return ("bf16" if precision == "bf16-fp32teacher" else precision), None
+    verdict = decide_precision("auto", device, BertConfig.preset(teacher))
+    return verdict.precision, verdict.to_dict()
 
 
 def batch_for(B: int, T: int, V: int, device) -> dict:
@@ -59,14 +69,14 @@ def time_steps(step, device, warmup: int, repeats: int) -> list[float]:
 def ours(engine_name: str, precision: str, args, device) -> list[float]:
     """One optimizer step exactly as tinybert's loop makes it: engine forward, weighted sum, backward, step."""
     torch.manual_seed(0)
+    resolved, _ = resolve(precision, args.teacher, device)
     teacher = Bert(BertConfig.preset(args.teacher)).to(device)
     student = Bert(BertConfig.preset(args.student)).to(device)
     distiller = Distiller(teacher, student, "uniform", terms=("embedding", "hidden", "attention")).to(device)
-    values = {"batch_size": args.batch, "precision": precision, "max_grad_norm": 1.0}
+    teacher.to(torch.float32 if precision == "bf16-fp32teacher" else teacher_dtype(resolved))
+    values = {"batch_size": args.batch, "precision": resolved, "max_grad_norm": 1.0}
     if engine_name == "deepspeed":
         values["deepspeed"] = {"zero_optimization": {"stage": args.zero}, "steps_per_print": 10**9}
-        if precision == "bf16":
-            teacher.to(torch.bfloat16)
     recipe = build_recipe({}, **values)
     engine = build_engine(distiller, recipe, total_steps=1000, device=device)
     distiller.train()
@@ -152,6 +162,8 @@ def machine(device) -> dict:
         info["cpu"] = names[0] if names else platform.processor()
         info["cores"] = len(names)
         info["amx"] = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+        info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma")))
     return info
 
 
@@ -162,7 +174,8 @@ def main():
     p.add_argument("--student", default="tinybert-4l-312d")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,bf16,auto",
+                   help="fp32, bf16 (teacher in bf16 weights, as runs do), bf16-fp32teacher, auto (the probe)")
     p.add_argument("--engines", default="plain,deepspeed")
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage for the DeepSpeed rows")
     p.add_argument("--original", help="path to the original TinyBERT folder (holds transformer/)")
@@ -185,18 +198,24 @@ def main():
     for impl, engine_name, precision in runs:
         times = original(precision, args, device) if impl == "original" else ours(engine_name, precision, args, device)
         median = statistics.median(times)
+        verdict = resolve(precision, args.teacher, device)[1] if impl == "tinybert" else None
         rows.append({"impl": impl, "engine": engine_name, "precision": precision, "median_s": median,
-                     "tokens_per_s": tokens / median, "times_s": times})
+                     "tokens_per_s": tokens / median, "times_s": times, "auto": verdict})
         print(f"  {impl:<9} {engine_name:<9} {precision:<5} {median:7.2f} s/step  {tokens / median:8.0f} tok/s",
               flush=True)
     base = next((r["tokens_per_s"] for r in rows if r["impl"] == "original"), None)
     print(f"\ngeneral distillation step: {args.teacher} -> {args.student}, batch {args.batch}, seq {args.seq}, "
           f"{device}, {torch.get_num_threads()} threads")
-    print(f"{'impl':<10}{'engine':<11}{'precision':<11}{'s/step':>8}{'tokens/s':>11}{'vs original':>13}")
+    print(f"{'impl':<10}{'engine':<11}{'precision':<18}{'s/step':>8}{'tokens/s':>11}{'vs original':>13}")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        print(f"{r['impl']:<10}{r['engine']:<11}{r['precision']:<11}{r['median_s']:>8.2f}{r['tokens_per_s']:>11.0f}"
+        name = r["precision"] + (f" ({r['auto']['precision']})" if r.get("auto") else "")
+        print(f"{r['impl']:<10}{r['engine']:<11}{name:<18}{r['median_s']:>8.2f}{r['tokens_per_s']:>11.0f}"
               f"{ratio:>13}")
+    for r in rows:
+        if r.get("auto"):
+            print(f"auto: {r['auto']['precision']}, bf16 matmul {r['auto']['ratio']}x fp32 ({r['auto']['how']})")
+            break
     out = args.json or Path(__file__).parent / "results" / f"distill-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(device), "config": vars(args) | {"json": str(out)},

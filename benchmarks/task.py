@@ -24,7 +24,8 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill import import_original, machine, original_config, original_layer_loss, time_steps  # noqa: E402  (the sibling benchmark)
+from distill import (import_original, machine, original_config, original_layer_loss, resolve,  # noqa: E402
+                     time_steps)  # (the sibling benchmark)
 
 from tinybert.data import length_grouped_batches, load_task, tokenize  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
@@ -32,7 +33,7 @@ from tinybert.hub import load_tokenizer  # noqa: E402
 from tinybert.model import Bert, BertConfig  # noqa: E402
 from tinybert.recipe import build_recipe  # noqa: E402
 from tinybert.task import collate_batch  # noqa: E402
-from tinybert.train import build_engine  # noqa: E402
+from tinybert.train import build_engine, teacher_dtype  # noqa: E402
 
 
 def sst2_batches(args) -> tuple[list[dict], dict, object]:
@@ -68,11 +69,13 @@ def sst2_batches(args) -> tuple[list[dict], dict, object]:
 
 def ours(stage: str, precision: str, batches: list[dict], args) -> list[float]:
     torch.manual_seed(0)
+    resolved, _ = resolve(precision, args.teacher, torch.device("cpu"))
     teacher = Bert(BertConfig.preset(args.teacher, num_labels=2))
     student = Bert(BertConfig.preset(args.student, num_labels=2))
     terms = ("embedding", "hidden", "attention") if stage == "stage1" else ("prediction",)
     distiller = Distiller(teacher, student, "uniform", terms=terms)
-    engine = build_engine(distiller, build_recipe({}, batch_size=args.batch, precision=precision), 1000,
+    teacher.to(torch.float32 if precision == "bf16-fp32teacher" else teacher_dtype(resolved))
+    engine = build_engine(distiller, build_recipe({}, batch_size=args.batch, precision=resolved), 1000,
                           torch.device("cpu"))
     distiller.train()
     if stage == "stage2":  # the pipeline computes these once and stores them; the step never runs the teacher
@@ -157,7 +160,8 @@ def main():
     p.add_argument("--student", default="tinybert-4l-312d")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,bf16,auto",
+                   help="fp32, bf16 (teacher in bf16 weights, as runs do), bf16-fp32teacher, auto (the probe)")
     p.add_argument("--original", help="path to the original TinyBERT folder (holds transformer/)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
@@ -178,19 +182,24 @@ def main():
             # Batches differ in length (ours pad each to its longest row), so throughput is examples over the total
             # time of the same batches, not a median batch.
             mean = statistics.fmean(times)
-            rows.append({"stage": stage, "impl": impl, "precision": precision, "mean_s": mean,
+            verdict = resolve(precision, args.teacher, torch.device("cpu"))[1] if impl == "tinybert" else None
+            rows.append({"stage": stage, "impl": impl, "precision": precision, "mean_s": mean, "auto": verdict,
                          "median_s": statistics.median(times), "examples_per_s": args.batch / mean, "times_s": times})
             print(f"  {stage} {impl:<9} {precision:<5} {mean:6.2f} s/batch {args.batch / mean:8.1f} ex/s", flush=True)
     print(f"\ntask distillation on SST-2 train batches of {args.batch}, max sequence {args.seq}: {args.teacher} -> "
           f"{args.student}, cpu, {torch.get_num_threads()} threads; {args.repeats} batches timed, "
           f"{sample['timed_mean_padded_length']:.1f} tokens on average (an epoch's {sample['epoch_batches']} batches: "
           f"{sample['epoch_mean_padded_length']:.1f})")
-    print(f"{'stage':<8}{'impl':<10}{'precision':<11}{'s/batch':>9}{'examples/s':>12}{'vs original':>13}")
+    print(f"{'stage':<8}{'impl':<10}{'precision':<18}{'s/batch':>9}{'examples/s':>12}{'vs original':>13}")
     for r in rows:
         base = next((o["examples_per_s"] for o in rows if o["impl"] == "original" and o["stage"] == r["stage"]), None)
         ratio = f"{r['examples_per_s'] / base:.1f}x" if base else "-"
-        print(f"{r['stage']:<8}{r['impl']:<10}{r['precision']:<11}{r['mean_s']:>9.2f}{r['examples_per_s']:>12.1f}"
+        name = r["precision"] + (f" ({r['auto']['precision']})" if r.get("auto") else "")
+        print(f"{r['stage']:<8}{r['impl']:<10}{name:<18}{r['mean_s']:>9.2f}{r['examples_per_s']:>12.1f}"
               f"{ratio:>13}")
+    auto = next((r["auto"] for r in rows if r.get("auto")), None)
+    if auto:
+        print(f"auto: {auto['precision']}, bf16 matmul {auto['ratio']}x fp32 ({auto['how']})")
     cache = logit_cache(train, args) if args.cache_rows > 0 else None
     if cache:
         first, second = cache["calls"]

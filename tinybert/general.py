@@ -24,6 +24,7 @@ from tinybert.train import (
     checkpoints,
     default_device,
     decide_precision,
+    teacher_dtype,
     init_deepspeed,
     load_checkpoint,
     seed_everything,
@@ -147,10 +148,8 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
         echo(describe(recipe, teacher_model, student_model, distiller, corpus_stats(data), steps))
         return None
 
-    teacher_model.to(device)
+    teacher_model.to(device, teacher_dtype(recipe.precision))
     distiller.to(device)
-    if recipe.deepspeed is not None and recipe.precision == "bf16":
-        teacher_model.to(torch.bfloat16)  # DeepSpeed bf16 runs the student in bf16 weights; match the teacher
     engine = build_engine(distiller, recipe, steps, device)
     state = load_checkpoint(engine, checkpoint) if checkpoint else None
     if overwrite and checkpoint is None:

@@ -58,6 +58,7 @@ from tinybert.train import (
     default_device,
     load_checkpoint,
     decide_precision,
+    teacher_dtype,
     seed_everything,
     total_steps,
     train,
@@ -574,8 +575,7 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     if not (student_dir / "config.json").is_file():
         latest = checkpoints(output / "stage1")[-1] if resume and checkpoints(output / "stage1") else None
         if steps1:
-            if r1.deepspeed is not None and r1.precision == "bf16":
-                teacher_model.to(torch.bfloat16)
+            teacher_model.to(teacher_dtype(r1.precision))
             stage1.module.to(device)
             engine = build_engine(stage1.module, r1, steps1, device)
             resumed = load_checkpoint(engine, latest) if latest else None
@@ -592,7 +592,7 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     # Stage 2: the prediction layer, from the stage-1 student on disk (the same whether or not stage 1 ran now).
     seed_everything(r2.seed)
     student2 = load_model(student_dir)
-    teacher_model.float()
+    teacher_model.to(teacher_dtype(r2.precision))
     state = {}
     keeper = Keeper(student2, tok, output, task.main_metric, "stage2", state)
     stage2 = Stage(
@@ -601,8 +601,6 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
         evaluate=lambda module: score(module.student, task, dev2, pad, 2 * _micro(r2), device), on_eval=keeper,
     )
     latest = checkpoints(output / "stage2")[-1] if resume and checkpoints(output / "stage2") else None
-    if r2.deepspeed is not None and r2.precision == "bf16":
-        teacher_model.to(torch.bfloat16)
     stage2.module.to(device)
     engine = build_engine(stage2.module, r2, steps2, device)
     resumed = load_checkpoint(engine, latest) if latest else None

@@ -62,6 +62,14 @@ def resolve_precision(precision: str, device: torch.device, config=None, echo=No
     return decide_precision(precision, device, config, echo).precision
 
 
+def teacher_dtype(precision: str) -> torch.dtype:
+    """The frozen teacher's weight dtype for a run's (resolved) precision: bf16 in a bf16 run, so its matrix
+    products get bf16 weights without a cast of every weight on every step (autocast re-casts weights that need no
+    gradient on each call) and a DeepSpeed bf16 student meets a bf16 teacher; fp32 otherwise. The student keeps fp32
+    master weights under autocast, and the losses are computed in fp32 either way (losses.py)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
