@@ -239,7 +239,9 @@ def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: to
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: get_rng_state_all() would start a CUDA context on every visible GPU from every
+        # rank (memory on each GPU times the ranks), and a resume on another GPU count could not restore it.
+        state["cuda"] = torch.cuda.get_rng_state(default_device())
     return state
 
 
@@ -248,7 +250,10 @@ def set_rng_state(state: dict):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints written before one GPU's state was kept
+            cuda = cuda[default_device().index or 0]
+        torch.cuda.set_rng_state(cuda, default_device())
 
 
 def seed_everything(seed: int):
@@ -403,7 +408,9 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
         while position < len(mine) and step < steps:
             rows = stage.dataset[mine[position]]
             batch = stage.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # Pinned host memory makes the copy to a GPU asynchronous; on the CPU both are no-ops.
+            pin = device.type == "cuda"
+            batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
             terms = engine(batch)
             loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
             if not torch.isfinite(loss):
