@@ -167,6 +167,17 @@ def machine(device) -> dict:
     return info
 
 
+def step_flops_per_token(teacher: BertConfig, student: BertConfig, seq: int) -> float:
+    """Model FLOPs of one distillation step per token: the teacher's forward and the student's forward and backward
+    (3x a forward); a forward is 2 FLOPs per weight of the encoder's matrices plus 4*T*H per layer for the scores
+    and the weighted sum of values. Embeddings, projections, LayerNorms and softmax are left out (a few %)."""
+    def forward(c: BertConfig) -> float:
+        H, I, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        return L * (2 * (4 * H * H + 2 * H * I) + 4 * seq * H)
+
+    return forward(teacher) + 3 * forward(student)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -181,6 +192,8 @@ def main():
     p.add_argument("--original", help="path to the original TinyBERT folder (holds transformer/)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's dense bf16 peak, for model FLOPs utilisation (e.g. 989 for an H100/H200 SXM)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="batch 8, one repeat: checks the script runs")
     p.add_argument("--json", type=Path)
@@ -199,8 +212,11 @@ def main():
         times = original(precision, args, device) if impl == "original" else ours(engine_name, precision, args, device)
         median = statistics.median(times)
         verdict = resolve(precision, args.teacher, device)[1] if impl == "tinybert" else None
+        flops = step_flops_per_token(BertConfig.preset(args.teacher), BertConfig.preset(args.student), args.seq)
         rows.append({"impl": impl, "engine": engine_name, "precision": precision, "median_s": median,
-                     "tokens_per_s": tokens / median, "times_s": times, "auto": verdict})
+                     "tokens_per_s": tokens / median, "times_s": times, "auto": verdict,
+                     "model_tflops_per_s": tokens / median * flops / 1e12,
+                     "mfu": tokens / median * flops / (args.peak_tflops * 1e12) if args.peak_tflops else None})
         print(f"  {impl:<9} {engine_name:<9} {precision:<5} {median:7.2f} s/step  {tokens / median:8.0f} tok/s",
               flush=True)
     base = next((r["tokens_per_s"] for r in rows if r["impl"] == "original"), None)
@@ -214,8 +230,12 @@ def main():
               f"{ratio:>13}")
     for r in rows:
         if r.get("auto"):
-            print(f"auto: {r['auto']['precision']}, bf16 matmul {r['auto']['ratio']}x fp32 ({r['auto']['how']})")
+            ratio = f", bf16 matmul {r['auto']['ratio']}x fp32" if r["auto"]["ratio"] else ""
+            print(f"auto: {r['auto']['precision']}{ratio} ({r['auto']['how']})")
             break
+    for r in rows:
+        mfu = f", MFU {100 * r['mfu']:.1f}% of {args.peak_tflops:g}" if r["mfu"] is not None else ""
+        print(f"  {r['impl']} {r['engine']} {r['precision']}: {r['model_tflops_per_s']:.2f} model TFLOP/s{mfu}")
     out = args.json or Path(__file__).parent / "results" / f"distill-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(device), "config": vars(args) | {"json": str(out)},
