@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from tinybert.data import DataError, Task, _csv_records, _glue_folder, _json_records, _read_glue_tsv, _read_records
-from tinybert.data import get_task, load_task
+from tinybert.data import file_sha256, get_task, load_task
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -416,14 +416,6 @@ class Table:
         return self.format([self.columns]) if self.header and self.kind != "jsonl" else ""
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _kind(output: Path, allowed: tuple[str, ...], why: str) -> str:
     kind = output.suffix.lower().lstrip(".")
     if kind not in allowed:
@@ -452,7 +444,7 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
         headerless = isinstance(spec.tsv_columns[0], int)
         columns = list(range(spec.tsv_width)) if headerless else rows.pop(0)
         fields = list(spec.tsv_columns[:-1]) if headerless else [columns.index(c) for c in spec.tsv_columns[:-1]]
-        return Table(str(path), _sha256_file(path), columns, rows, fields, "glue", header=not headerless)
+        return Table(str(path), file_sha256(path), columns, rows, fields, "glue", header=not headerless)
     if len(text_columns) not in (1, 2):
         raise AugmentError(f"--text-columns names one or two columns, got {list(text_columns)}")
     path = Path(train)
@@ -464,7 +456,7 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
     columns = list(dict.fromkeys(k for _, r in records for k in r))
     rows = [[r.get(c) for c in columns] for _, r in records]
     kind = _kind(output, ("csv", "tsv", "jsonl"), "augmented custom rows are written as CSV, TSV or JSON Lines")
-    return Table(str(path), _sha256_file(path), columns, rows, [columns.index(c) for c in text_columns], kind)
+    return Table(str(path), file_sha256(path), columns, rows, [columns.index(c) for c in text_columns], kind)
 
 
 def _hub_table(task: Task, output: Path) -> Table:

@@ -114,6 +114,15 @@ TASKS = {
 _FORMAT = "tinybert-data-1"
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 16 MB blocks (a model's weights, a train file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def get_task(name: str) -> Task:
     """The GLUE task called `name` (e.g. 'sst2'), or a DataError listing the known ones."""
     task = TASKS.get(name.lower()) if isinstance(name, str) else None

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from tinybert.data import (
     DataError,
+    file_sha256,
     Task,
     collate,
     get_task,
@@ -299,14 +300,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TINYBERT_CACHE", Path.home() / ".cache" / "tinybert")).expanduser() / "logits"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def logits_key(teacher_dir: str | os.PathLike, dataset, max_seq_length: int) -> str:
     """Names the teacher's logits on a tokenised dataset: the hashes of the teacher's weights and config.json, of the
     token ids the teacher sees, and max_seq_length. Copies of the same teacher and data share the entry; any change
@@ -314,7 +307,7 @@ def logits_key(teacher_dir: str | os.PathLike, dataset, max_seq_length: int) -> 
     teacher_dir = Path(teacher_dir)
     weights = next((teacher_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (teacher_dir / n).is_file()))
     tokens = pickle.dumps((list(dataset["input_ids"]), list(dataset["token_type_ids"])), protocol=4)
-    parts = [_LOGITS_FORMAT, _file_digest(weights), _file_digest(teacher_dir / "config.json"),
+    parts = [_LOGITS_FORMAT, file_sha256(weights), file_sha256(teacher_dir / "config.json"),
              hashlib.sha256(tokens).hexdigest(), str(max_seq_length)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
