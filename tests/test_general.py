@@ -447,8 +447,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(minilm_dir, books, previous_
                         "layer_map=[0,2,3,5,6]", "--dry-run"))
     out = result.stdout
     assert not output.exists()
-    # The recipe, with the overrides applied.
-    assert out.startswith("recipe:") and "  batch_size: 8\n" in out and "  max_seq_length: 64\n" in out
+    # The precision decision first (precision.py), then the recipe with the overrides applied.
+    assert out.startswith("precision: ") and out.splitlines()[1] == "recipe:" and "  batch_size: 8\n" in out and "  max_seq_length: 64\n" in out
     # Both models' shapes.
     assert "teacher: 6 layers, hidden 384, FFN 1536, 12 heads" in out
     assert "student: 4 layers, hidden 312, FFN 1200, 12 heads" in out
