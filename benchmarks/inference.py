@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where to write results (default benchmarks/results/inference-<device>.json, one per device)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(PRESETS), metavar="SHAPE",
                    help=f"presets to time (default: {' '.join(SHAPES)})")
-    p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"],
-                   help="comma-separated, from fp32,bf16 (default both)")
+    p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16", "auto"],
+                   help="comma-separated, from fp32,bf16,auto (default all; auto = what the run's probe picks on the "
+                        "device for BERT-base's shape, recorded in the JSON and timed as that precision)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed batch-1 forwards per model and precision (default 10, quick 2); batch 32 gets a fifth")
     p.add_argument("--repeats", type=int, default=None,
@@ -60,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tenth, at least 1")
     args = p.parse_args(argv)
     for precision in args.precisions:
-        if precision not in DTYPES:
-            p.error(f"unknown precision {precision!r}; choose from {','.join(DTYPES)}")
+        if precision not in DTYPES and precision != "auto":
+            p.error(f"unknown precision {precision!r}; choose from {','.join(DTYPES)},auto")
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
     args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 50)
     # A batch-32 forward of bert-base takes seconds on 2 cores: a tenth of the repeats keeps the full run in minutes.
@@ -295,10 +296,20 @@ def main(argv=None):
         print(f"warning: 1-minute load average {os.getloadavg()[0]:.2f} before starting; if other processes are still "
               f"running on these cores, CPU timings will be slow and noisy (the JSON records the load)", flush=True)
     results = {}
+    asked = args.precisions
     for device in devices:
+        auto = None
+        if "auto" in asked:
+            from tinybert.train import decide_precision
+
+            auto = decide_precision("auto", torch.device(device), BertConfig.preset("bert-base")).to_dict()
+            print(f"{device}: auto picks {auto['precision']}" + (f" (bf16 matmul {auto['ratio']}x fp32)"
+                                                                  if auto["ratio"] else ""), flush=True)
+        args.precisions = list(dict.fromkeys(auto["precision"] if p == "auto" else p for p in asked))
         print(f"{device}: {', '.join(args.shapes)} x {', '.join(args.precisions)} x {', '.join(IMPLS)}, "
               f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
         machine = machine_info(device, args)
+        machine["auto"] = auto
         started = time.perf_counter()
         result = bench_device(device, args)
         machine["load_average_1_5_15_end"] = os.getloadavg()
