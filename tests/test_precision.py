@@ -104,12 +104,12 @@ def test_bf16_run_with_a_bf16_teacher_matches_fp32_terms(minilm_dir, data_dir):
     batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.token_type_ids}
     distiller = Distiller(teacher, student, [0, 2, 3, 5, 6]).eval()
     terms = {}
-    for precision in ("fp32", "bf16"):
-        teacher.to(teacher_dtype(precision))
-        engine = build_engine(distiller, build_recipe({}, precision=precision), 10, torch.device("cpu"))
+    for mode in ("fp32", "bf16"):
+        teacher.to(teacher_dtype(mode))
+        engine = build_engine(distiller, build_recipe({}, precision=mode), 10, torch.device("cpu"))
         with torch.no_grad():
-            terms[precision] = {k: v.item() for k, v in engine(batch).items()}
-        assert all(v.dtype == teacher_dtype(precision) for v in teacher.parameters())
+            terms[mode] = {k: v.item() for k, v in engine(batch).items()}
+        assert all(v.dtype == teacher_dtype(mode) for v in teacher.parameters())
     assert set(terms["fp32"]) == {"embedding", "hidden", "attention"}
     for name, value in terms["fp32"].items():
         assert abs(terms["bf16"][name] - value) <= 1e-2 * abs(value), (name, terms)
