@@ -8,15 +8,10 @@ Runs are small (batch 8, 64 tokens, one short book) but real: every run loads th
 """
 
 import hashlib
-import json
 import os
-import random
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +22,8 @@ from safetensors.torch import load_file
 from tinybert.hub import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import checkpoint_steps, kill_after_first_checkpoint, ok, records, tinybert  # tests/launch.py
+
 TERMS = ("embedding", "hidden", "attention")
 SMALL = ["batch_size=8", "max_seq_length=64"]
 CAROL = "pg46_a_christmas_carol.txt"  # ~40k tokens: ~600 rows of 64
@@ -37,57 +33,10 @@ ALICE = "pg11_alices_adventures_in_wonderland.txt"
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("TINYBERT_TRACEBACK", None)
-    return env
-
-
-def _command(args, nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "tinybert.cli", *map(str, args)]
-    # --standalone picks a free rendezvous port: other torchrun jobs on this machine do not collide.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "tinybert.cli", *map(str, args)]
-
-
-def tinybert(*args, nproc: int = 1, timeout: float = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(args, nproc), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def distill(teacher, corpus, output, *extra, nproc: int = 1, timeout: float = 1200) -> subprocess.CompletedProcess:
     corpora = [a for c in ([corpus] if isinstance(corpus, (str, Path)) else corpus) for a in ("--corpus", c)]
     return tinybert("distill", "--recipe", "general", "--teacher", teacher, *corpora, "--output", output, *extra,
                     nproc=nproc, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
-
-
-def records(output: Path, kind: str | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if kind is None or r.get("kind") == kind]
-
-
-def logged_steps(output: Path) -> list[int]:
-    """Train steps in a log that a running process is writing (a line being written is skipped)."""
-    steps = []
-    if (output / "log.jsonl").exists():
-        for line in (output / "log.jsonl").read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("kind") == "train":
-                steps.append(record["step"])
-    return steps
-
-
-def checkpoint_steps(output: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*"))
 
 
 def snapshot(directory: Path) -> dict:
@@ -101,35 +50,6 @@ def assert_log_has_each_step_once(output: Path, steps: int):
     assert train == list(range(1, steps + 1)), train
     evals = [r["step"] for r in records(output, "eval")]
     assert evals == sorted(set(evals)), evals
-
-
-def kill_after_first_checkpoint(args, output: Path, steps: int, *, nproc: int = 1, timeout: float = 900) -> int:
-    """Start the run, wait for its first checkpoint, pick a later step at random, SIGKILL the whole process group
-    once that step is logged (mid-step, or mid-checkpoint-write when the step saves). Returns the step picked."""
-    # stderr to a file: progress bars would fill a pipe nobody reads and block the run.
-    stderr = (output.parent / f"{output.name}-killed.stderr").open("w+")
-    proc = subprocess.Popen(_command(args, nproc), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=stderr, text=True, start_new_session=True)
-    deadline, target = time.monotonic() + timeout, None
-    try:
-        while True:
-            if proc.poll() is not None:
-                stderr.seek(0)
-                pytest.fail(f"the run ended (exit {proc.returncode}) before it was killed: {stderr.read()[-4000:]}")
-            assert time.monotonic() < deadline, "timed out waiting for the run"
-            if target is None and (output / "checkpoints").is_dir() and checkpoint_steps(output):
-                first = checkpoint_steps(output)[0]
-                target = random.randint(first + 1, steps - 2)
-            if target is not None and (logged := logged_steps(output)) and logged[-1] >= target:
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        stderr.close()
-    assert proc.returncode == -signal.SIGKILL, proc.returncode
-    return target
 
 
 def save_student(directory: Path, teacher_dir: Path, seed: int = 0, **config) -> Path:

@@ -4,7 +4,6 @@ embedding, hidden-state and attention losses, on the shared loop of train.py."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -20,44 +19,19 @@ from tinybert.train import (
     Stage,
     TrainingError,
     average_terms,
-    build_engine,
-    checkpoints,
+    check_output,
+    clear_output,
     decide_precision,
-    default_device,
-    init_deepspeed,
-    load_checkpoint,
-    seed_everything,
+    micro_batch_size,
+    run_stage,
+    start_run,
     teacher_dtype,
     total_steps,
-    train,
-    world,
+    write_recipe,
 )
 
 
-def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs in one directory.
-    Removes nothing: --overwrite clears the old run (`clear_output`) only once the new one is set up, so a bad
-    input (corpus, models, layer map) leaves it intact."""
-    latest = checkpoints(output)[-1] if output.is_dir() and checkpoints(output) else None
-    if resume:
-        if latest is None:
-            raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; drop --resume to start")
-        return latest
-    holds_run = output.is_dir() and any((output / name).exists() for name in ("checkpoints", "log.jsonl", "student"))
-    if holds_run and not overwrite:
-        raise TrainingError(
-            f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            f"or choose another --output"
-        )
-    return None
-
-
-def clear_output(output: Path):
-    """Remove the run that --overwrite replaces (rank 0; the others write nothing before their first barrier)."""
-    if world()[0] == 0:
-        for name in ("checkpoints", "log.jsonl", "tensorboard", "student", "recipe.yaml"):
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+GENERAL_FILES = ("checkpoints", "log.jsonl", "tensorboard", "student", "recipe.yaml")
 
 
 def build_student(student: str | None, teacher: Bert) -> Bert:
@@ -108,14 +82,12 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
                 echo=print) -> Path | None:
     """Distil `teacher` into `student` on `corpus`; returns the exported student directory (None on a dry run)."""
     output = Path(output)
-    device = default_device()
-    checkpoint = None if dry_run else prepare_output(output, resume=resume, overwrite=overwrite)
-    if recipe.deepspeed is not None and not dry_run:
-        init_deepspeed()
-    rank, world_size = world()
-    seed_everything(recipe.seed)
+    if not dry_run:
+        check_output(output, GENERAL_FILES, resume=resume, overwrite=overwrite, needs_checkpoint=True)
+    run = start_run(recipe, dry_run=dry_run)
+    say = run.say(echo)
     teacher_model = load_model(teacher)
-    verdict = decide_precision(recipe.precision, device, teacher_model.config, echo if rank == 0 else None)
+    verdict = decide_precision(recipe.precision, run.device, teacher_model.config, say)
     recipe = dataclasses.replace(recipe, precision=verdict.precision)
     tokenizer = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
     student_model = build_student(student, teacher_model)
@@ -126,10 +98,7 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
                           attention_mode=recipe.attention_mode, shared_projection=recipe.shared_projection)
     data = build_corpus(corpus, tokenizer, max_seq_length=recipe.max_seq_length,
                         heldout_fraction=recipe.heldout_fraction, seed=recipe.seed)
-    micro = recipe.batch_size // (recipe.grad_accum * world_size)
-    if micro == 0:
-        raise TrainingError(f"batch_size {recipe.batch_size} is smaller than grad_accum x processes "
-                            f"({recipe.grad_accum} x {world_size})")
+    micro = micro_batch_size(recipe)
 
     def plan(epoch: int) -> list[list[int]]:
         order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(recipe.seed + epoch))
@@ -140,30 +109,24 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     heldout_batches = [list(range(i, min(i + micro, len(heldout)))) for i in range(0, len(heldout), micro)]
     stage = Stage(
         name="general", module=distiller, weights=terms, dataset=data["train"], plan=plan, collate=pad,
-        evaluate=(lambda module: average_terms(module, heldout, heldout_batches, pad, device, recipe.precision,
-                                               terms)) if len(heldout) else None,
+        evaluate=(lambda module: average_terms(module, heldout, heldout_batches, pad, run.device,
+                                               recipe.precision, terms)) if len(heldout) else None,
     )
     steps = total_steps(stage, recipe)
     if dry_run:
         echo(describe(recipe, teacher_model, student_model, distiller, corpus_stats(data), steps))
         return None
 
-    teacher_model.to(device, teacher_dtype(recipe.precision))
-    distiller.to(device)
-    engine = build_engine(distiller, recipe, steps, device)
-    state = load_checkpoint(engine, checkpoint) if checkpoint else None
-    if overwrite and checkpoint is None:
-        clear_output(output)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(
-            {**recipe.to_dict(), "teacher": str(teacher), "student": student, "corpus": [str(c) for c in corpus],
-             "precision_decision": verdict.to_dict()},
-            sort_keys=False))
-        if checkpoint:
-            echo(f"resuming from {checkpoint} (step {state['step']} of {steps})")
-    train(stage, engine, recipe, output, steps, resume=state, progress=progress)
-    if rank != 0:
+    def start():
+        if overwrite and not resume:
+            clear_output(output, GENERAL_FILES)
+        write_recipe(output, {**recipe.to_dict(), "teacher": str(teacher), "student": student,
+                              "corpus": [str(c) for c in corpus], "precision_decision": verdict.to_dict()})
+
+    teacher_model.to(run.device, teacher_dtype(recipe.precision))
+    engine = run_stage(stage, recipe, output, steps, run.device, resume=resume, on_start=start, progress=progress,
+                       echo=say)
+    if not run.main:
         return None
     final = output / "student"
     weights = {k: v.float() for k, v in engine.module.student.state_dict().items()}

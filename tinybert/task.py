@@ -20,7 +20,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from tinybert.data import (
@@ -51,19 +49,23 @@ from tinybert.losses import hard_cross_entropy, regression_mse
 from tinybert.model import PRESETS, Bert
 from tinybert.recipe import Recipe, RecipeError
 from tinybert.train import (
+    Run,
     Stage,
-    TrainingError,
     average_terms,
-    build_engine,
+    barrier,
+    check_output,
     checkpoints,
+    clear_output,
     decide_precision,
     default_device,
-    load_checkpoint,
+    micro_batch_size,
+    run_stage,
     seed_everything,
+    start_run,
     teacher_dtype,
     total_steps,
-    train,
     world,
+    write_recipe,
 )
 
 # Bump when the way teacher logits are computed changes, so older cache files are not reused.
@@ -345,34 +347,9 @@ FINETUNE_FILES = ("checkpoints", "log.jsonl", "tensorboard", "best", "last", "me
 TASK_FILES = ("stage1", "stage2", "best", "last", "metrics.json", "recipe.yaml")
 
 
-def check_output(output: Path, names: tuple[str, ...], *, resume: bool, overwrite: bool):
-    """Refuse to mix two runs in one directory. Removes nothing: `clear_output` does, once the new run is set up."""
-    holds_run = output.is_dir() and any((output / name).exists() for name in names)
-    if resume and not holds_run:
-        raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
-    if not resume and holds_run and not overwrite:
-        raise TrainingError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace "
-                            f"it, or choose another --output")
-
-
-def clear_output(output: Path, names: tuple[str, ...]):
-    """--overwrite: remove the previous run's files (only those; anything else in the directory stays)."""
-    if world()[0] == 0:
-        for name in names:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _micro(recipe: Recipe) -> int:
-    micro = recipe.batch_size // (recipe.grad_accum * world()[1])
-    if micro == 0:
-        raise TrainingError(f"batch_size {recipe.batch_size} is smaller than grad_accum x processes")
-    return micro
-
-
 def count_steps(dataset, recipe: Recipe) -> int:
     """Optimizer steps a stage on `dataset` runs (the loop's own count)."""
-    plan = make_plan(dataset, _micro(recipe), recipe.seed)
+    plan = make_plan(dataset, micro_batch_size(recipe), recipe.seed)
     return total_steps(Stage("count", None, {}, dataset, plan, collate), recipe)
 
 
@@ -392,55 +369,47 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
                  echo=print) -> Path | None:
     """Fine-tune `model` (a directory or a preset) on the task's gold labels; returns output/best."""
     output = Path(output)
-    rank, _ = world()
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
-    device = default_device()
     recipe, source = for_task(recipe, task)
-    seed_everything(recipe.seed)
+    run = start_run(recipe, dry_run=dry_run)
+    say = run.say(echo)
     if tokenizer is None and str(model) in PRESETS and not Path(model).exists():
         raise CheckpointError(f"{model} is a preset with no tokenizer; pass --tokenizer DIR (the teacher's)")
     bert = load_model(model)
-    verdict = decide_precision(recipe.precision, device, bert.config, echo if rank == 0 else None)
+    verdict = decide_precision(recipe.precision, run.device, bert.config, say)
     recipe = dataclasses.replace(recipe, precision=verdict.precision)
     tok = load_tokenizer(tokenizer or model, vocab_size=bert.config.vocab_size)
     bert = with_head(bert, task, f"model {model}")
     tokenized = tokenize(datasets.DatasetDict(raw), tok, recipe.max_seq_length)
     train_set = tokenized["train"]
     dev = {s: ds for s, ds in tokenized.items() if s != "train"}
-    micro, pad = _micro(recipe), tok.pad_token_id
+    micro, pad = micro_batch_size(recipe), tok.pad_token_id
     state = {}  # best and history; travels in the checkpoints
-    keeper = Keeper(bert, tok, output, task.main_metric, "finetune", state)
     stage = Stage(
         name="finetune", module=Finetuner(bert), weights={"prediction": 1.0}, dataset=train_set,
         plan=make_plan(train_set, micro, recipe.seed), collate=lambda rows: collate_batch(rows, pad),
-        evaluate=lambda module: score(module.model, task, dev, pad, micro * 2, device), on_eval=keeper,
+        evaluate=lambda module: score(module.model, task, dev, pad, micro * 2, run.device),
+        on_eval=Keeper(bert, tok, output, task.main_metric, "finetune", state),
     )
     steps = total_steps(stage, recipe)
     loss = "MSE to the gold scores" if task.is_regression else "cross-entropy to the gold labels"
-    echo(describe_stage("finetune", recipe, source, steps, len(train_set), loss))
+    say(describe_stage("finetune", recipe, source, steps, len(train_set), loss))
     if dry_run:
         return None
 
-    check_output(output, FINETUNE_FILES, resume=resume, overwrite=overwrite)
-    latest = checkpoints(output)[-1] if resume and checkpoints(output) else None
-    if resume and latest is None:
-        raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; pass --overwrite to start again")
-    stage.module.to(device)
-    engine = build_engine(stage.module, recipe, steps, device)
-    resumed = load_checkpoint(engine, latest) if latest else None
-    if resumed:
-        state.update(copy.deepcopy(resumed["tracker"]))
-        echo(f"resuming from {latest} (step {resumed['step']} of {steps})")
-    elif overwrite:
-        clear_output(output, FINETUNE_FILES)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(
-            {**recipe.to_dict(), "model": str(model), "task": task.name, "precision_decision": verdict.to_dict()},
-            sort_keys=False))
-    train(stage, engine, recipe, output, steps, resume=resumed, extra_state={"tracker": state}, progress=progress)
-    if rank == 0:
+    check_output(output, FINETUNE_FILES, resume=resume, overwrite=overwrite, needs_checkpoint=True)
+
+    def start():
+        if overwrite and not resume:
+            clear_output(output, FINETUNE_FILES)
+        write_recipe(output, {**recipe.to_dict(), "model": str(model), "task": task.name,
+                              "precision_decision": verdict.to_dict()})
+
+    run_stage(stage, recipe, output, steps, run.device, resume=resume, extra_state={"tracker": state},
+              on_start=start, progress=progress, echo=say)
+    if run.main:
         finish(bert, tok, output, task, state, echo, "step")
+    barrier()  # the other processes return once best/ and last/ are on disk
     return output / "best"
 
 
@@ -481,6 +450,34 @@ def _same_vocabulary(student: str, teacher_tokenizer):
                               f"task distillation needs the teacher's tokenizer for both")
 
 
+def _stage_terms(r1: Recipe, r2: Recipe) -> tuple[dict[str, float], dict[str, float]]:
+    """Each stage's loss terms with a non-zero weight; at least one each."""
+    terms = tuple({name: weight for name, weight in r.terms.items() if weight} for r in (r1, r2))
+    if not all(terms):
+        raise RecipeError("each stage needs at least one loss term with a non-zero weight (stage1.terms, "
+                          "stage2.terms)")
+    return terms
+
+
+def _logits_column(run: Run, teacher: Bert, teacher_dir: str, train2, recipe: Recipe, pad: int, echo):
+    """Stage 2's rows with the teacher's logits as a column, and the log record of how they were had: rank 0
+    computes them (or reads the cache), the other processes read them from the cache once it is written."""
+    args = (teacher, teacher_dir, train2, recipe.max_seq_length, pad, 2 * micro_batch_size(recipe), run.device)
+    if run.main:
+        logits, record = teacher_logits(*args, echo)
+    barrier()
+    if not run.main:
+        logits, record = teacher_logits(*args, lambda *a: None)
+    return train2.add_column("teacher_logits", logits.tolist()), record
+
+
+def _log_teacher_logits(stage_dir: Path, record: dict):
+    """Stage 2's log starts with how its teacher logits were had (cache hit or miss)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with (stage_dir / "log.jsonl").open("a") as f:
+        f.write(json.dumps({"stage": "stage2", "kind": "teacher_logits", "step": 0, **record}) + "\n")
+
+
 def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, output: Path, resume: bool = False,
              overwrite: bool = False, dry_run: bool = False, progress: bool = True, echo=print) -> Path | None:
     """Task distillation of `teacher` (fine-tuned on the task) into `student`: stage 1 then stage 2.
@@ -488,32 +485,22 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     from tinybert.general import build_student
 
     output = Path(output)
-    rank, _ = world()
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
-    device = default_device()
     (r1, source1), (r2, source2) = for_task(recipe.stage("stage1"), task), for_task(recipe.stage("stage2"), task)
-    prediction = _prediction_mode(r2, task, echo)
-    seed_everything(recipe.seed)
+    run = start_run(r1, dry_run=dry_run)
+    say = run.say(echo)
+    prediction = _prediction_mode(r2, task, say)
     teacher_model = load_model(teacher)
-    say = echo if rank == 0 else None
-    v1 = decide_precision(r1.precision, device, teacher_model.config, say)
-    v2 = v1 if r2.precision == r1.precision else decide_precision(r2.precision, device, teacher_model.config, say)
+    v1 = decide_precision(r1.precision, run.device, teacher_model.config, say)
+    v2 = v1 if r2.precision == r1.precision else decide_precision(r2.precision, run.device, teacher_model.config, say)
     r1, r2 = dataclasses.replace(r1, precision=v1.precision), dataclasses.replace(r2, precision=v2.precision)
     check_head(teacher_model, task, f"teacher {teacher}")
     tok = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
     student_model = with_head(build_student(student, teacher_model), task, f"student {student}")
     _same_vocabulary(student, tok)
-
-    def terms_of(r: Recipe) -> dict[str, float]:
-        return {name: weight for name, weight in r.terms.items() if weight}
-
-    terms1, terms2 = terms_of(r1), terms_of(r2)
-    if not terms1 or not terms2:
-        raise RecipeError("each stage needs at least one loss term with a non-zero weight (stage1.terms, "
-                          "stage2.terms)")
+    terms1, terms2 = _stage_terms(r1, r2)
     pad = tok.pad_token_id
     sets = {n: tokenize(datasets.DatasetDict(raw), tok, r.max_seq_length) for n, r in (("stage1", r1), ("stage2", r2))}
-    dev1 = {s: ds for s, ds in sets["stage1"].items() if s != "train"}
     dev2 = {s: ds for s, ds in sets["stage2"].items() if s != "train"}
 
     def distiller(model: Bert, r: Recipe, terms: dict) -> Distiller:
@@ -521,90 +508,91 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
                          prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
                          shared_projection=r.shared_projection)
 
-    # Stage 1 is scored by its loss terms on the first dev split: the head is not trained yet.
-    first_dev = next(iter(dev1.values()))
-    eval_batches = [list(range(i, min(i + _micro(r1), len(first_dev)))) for i in range(0, len(first_dev), _micro(r1))]
-    stage1 = Stage(
-        name="stage1", module=distiller(student_model, r1, terms1), weights=terms1, dataset=sets["stage1"]["train"],
-        plan=make_plan(sets["stage1"]["train"], _micro(r1), r1.seed), collate=lambda rows: collate_batch(rows, pad),
-        evaluate=lambda module: average_terms(module, first_dev, eval_batches, lambda rows: collate_batch(rows, pad),
-                                              device, r1.precision, terms1),
-    )
+    stage1 = _stage1(distiller(student_model, r1, terms1), r1, terms1, sets["stage1"], pad, run.device)
     steps1, steps2 = total_steps(stage1, r1), count_steps(sets["stage2"]["train"], r2)
     rows = f"{len(raw['train'])} train rows" + (f" from {data.augmented}" if data.augmented else "")
-    dev_rows = ", ".join(f"{s} {len(ds)}" for s, ds in dev2.items())
-    echo(f"task {task.name}: {rows}; dev: {dev_rows}; main metric {task.main_metric}")
-    echo(f"layer map (student state <- teacher state, 0 = embeddings): {stage1.module.layer_map}")
-    echo(describe_stage("stage1", r1, source1, steps1, len(raw["train"]), " + ".join(terms1)))
-    echo(describe_stage("stage2", r2, source2, steps2, len(raw["train"]), " + ".join(terms2) + f" ({prediction})"))
+    say(f"task {task.name}: {rows}; dev: {', '.join(f'{s} {len(ds)}' for s, ds in dev2.items())}; "
+        f"main metric {task.main_metric}\n"
+        f"layer map (student state <- teacher state, 0 = embeddings): {stage1.module.layer_map}\n"
+        + describe_stage("stage1", r1, source1, steps1, len(raw["train"]), " + ".join(terms1)) + "\n"
+        + describe_stage("stage2", r2, source2, steps2, len(raw["train"]), " + ".join(terms2) + f" ({prediction})"))
     if dry_run:
         return None
 
     check_output(output, TASK_FILES, resume=resume, overwrite=overwrite)
-    student_dir = output / "stage1" / "student"
-
     # Teacher logits first: before stage 1 may cast the teacher to bf16 for DeepSpeed.
-    needs_logits = "prediction" in terms2 and prediction in ("soft", "mse_teacher")
-    train2 = sets["stage2"]["train"]
-    if needs_logits:
-        logits, record = teacher_logits(teacher_model, teacher, train2, r2.max_seq_length, pad, 2 * _micro(r2),
-                                        device, echo)
-        train2 = train2.add_column("teacher_logits", logits.tolist())
+    train2, record = sets["stage2"]["train"], None
+    if "prediction" in terms2 and prediction in ("soft", "mse_teacher"):
+        train2, record = _logits_column(run, teacher_model, teacher, train2, r2, pad, say)
     if overwrite and not resume:
         clear_output(output, TASK_FILES)
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(
-            {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction}, "teacher": str(teacher),
-             "student": str(student), "task": task.name, "augmented": data.augmented,
-             "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}}, sort_keys=False))
-        if needs_logits:
-            (output / "stage2").mkdir(parents=True, exist_ok=True)
-            with (output / "stage2" / "log.jsonl").open("a") as f:
-                f.write(json.dumps({"stage": "stage2", "kind": "teacher_logits", "step": 0, **record}) + "\n")
+    write_recipe(output, {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction},
+                          "teacher": str(teacher), "student": str(student), "task": task.name,
+                          "augmented": data.augmented,
+                          "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}})
+    if record is not None and run.main:
+        _log_teacher_logits(output / "stage2", record)
 
-    # Stage 1: intermediate layers. Finished when stage1/student exists; resumed from its last checkpoint otherwise.
-    teacher_model.to(device)
-    if not (student_dir / "config.json").is_file():
-        latest = checkpoints(output / "stage1")[-1] if resume and checkpoints(output / "stage1") else None
-        if steps1:
-            teacher_model.to(teacher_dtype(r1.precision))
-            stage1.module.to(device)
-            engine = build_engine(stage1.module, r1, steps1, device)
-            resumed = load_checkpoint(engine, latest) if latest else None
-            if resumed:
-                echo(f"resuming stage 1 from {latest} (step {resumed['step']} of {steps1})")
-            train(stage1, engine, r1, output / "stage1", steps1, resume=resumed, progress=progress)
-        else:
-            echo("stage1: 0 epochs, skipped")
-        if rank == 0:
-            export(student_model, student_dir, tok)
-    elif not checkpoints(output / "stage2"):
-        echo(f"stage 1 finished earlier ({student_dir}); starting stage 2")
+    teacher_model.to(run.device)
+    student_dir = _run_stage1(run, stage1, r1, steps1, output, tok, resume=resume, progress=progress, say=say)
 
     # Stage 2: the prediction layer, from the stage-1 student on disk (the same whether or not stage 1 ran now).
     seed_everything(r2.seed)
     student2 = load_model(student_dir)
     teacher_model.to(teacher_dtype(r2.precision))
     state = {}
-    keeper = Keeper(student2, tok, output, task.main_metric, "stage2", state)
-    stage2 = Stage(
-        name="stage2", module=distiller(student2, r2, terms2), weights=terms2, dataset=train2,
-        plan=make_plan(train2, _micro(r2), r2.seed), collate=lambda rows: collate_batch(rows, pad),
-        evaluate=lambda module: score(module.student, task, dev2, pad, 2 * _micro(r2), device), on_eval=keeper,
-    )
-    latest = checkpoints(output / "stage2")[-1] if resume and checkpoints(output / "stage2") else None
-    stage2.module.to(device)
-    engine = build_engine(stage2.module, r2, steps2, device)
-    resumed = load_checkpoint(engine, latest) if latest else None
-    if resumed:
-        state.update(copy.deepcopy(resumed["tracker"]))
-        echo(f"resuming stage 2 from {latest} (step {resumed['step']} of {steps2})")
-    train(stage2, engine, r2, output / "stage2", steps2, resume=resumed, extra_state={"tracker": state},
-          progress=progress)
-    if rank == 0:
+    stage2 = _stage2(distiller(student2, r2, terms2), r2, terms2, train2, task, dev2, pad, run.device,
+                     Keeper(student2, tok, output, task.main_metric, "stage2", state))
+    run_stage(stage2, r2, output / "stage2", steps2, run.device, resume=resume, extra_state={"tracker": state},
+              progress=progress, echo=say)
+    if run.main:
         finish(student2, tok, output, task, state, echo, "stage-2 step")
+    barrier()
     return output / "best"
+
+
+def _run_stage1(run: Run, stage1: Stage, recipe: Recipe, steps: int, output: Path, tokenizer, *, resume: bool,
+                progress: bool, say) -> Path:
+    """Stage 1 (intermediate layers) into output/stage1/student, unless that exists: a finished stage 1 is not run
+    again, an interrupted one resumes from its last checkpoint. Returns the student directory."""
+    student_dir = output / "stage1" / "student"
+    if (student_dir / "config.json").is_file():
+        if not checkpoints(output / "stage2"):
+            say(f"stage 1 finished earlier ({student_dir}); starting stage 2")
+        return student_dir
+    if steps:
+        stage1.module.teacher.to(teacher_dtype(recipe.precision))
+        run_stage(stage1, recipe, output / "stage1", steps, run.device, resume=resume, progress=progress, echo=say)
+    else:
+        say("stage1: 0 epochs, skipped")
+    if run.main:
+        export(stage1.module.student, student_dir, tokenizer)
+    barrier()  # every process starts stage 2 from the exported student
+    return student_dir
+
+
+def _stage2(module: Distiller, recipe: Recipe, terms: dict, train2, task: Task, dev2: dict, pad: int, device,
+            keeper: Keeper) -> Stage:
+    """Stage 2 (predictions), scored by the task's metrics on every dev split; `keeper` exports the best."""
+    micro = micro_batch_size(recipe)
+    return Stage(
+        name="stage2", module=module, weights=terms, dataset=train2, plan=make_plan(train2, micro, recipe.seed),
+        collate=lambda rows: collate_batch(rows, pad), on_eval=keeper,
+        evaluate=lambda m: score(m.student, task, dev2, pad, 2 * micro, device),
+    )
+
+
+def _stage1(module: Distiller, recipe: Recipe, terms: dict, sets, pad: int, device) -> Stage:
+    """Stage 1 (intermediate layers), scored by its loss terms on the first dev split: the head is not trained."""
+    micro = micro_batch_size(recipe)
+    first_dev = next(iter(ds for split, ds in sets.items() if split != "train"))
+    batches = [list(range(i, min(i + micro, len(first_dev)))) for i in range(0, len(first_dev), micro)]
+    pad_rows = lambda rows: collate_batch(rows, pad)  # noqa: E731
+    return Stage(
+        name="stage1", module=module, weights=terms, dataset=sets["train"],
+        plan=make_plan(sets["train"], micro, recipe.seed), collate=pad_rows,
+        evaluate=lambda m: average_terms(m, first_dev, batches, pad_rows, device, recipe.precision, terms),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation

@@ -76,6 +76,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (`torchrun`, `deepspeed`) started; 1 for a plain `python` run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_deepspeed():
     """Start torch.distributed for DeepSpeed. Launched by `deepspeed` or `torchrun` the environment is set; a
     plain `python` run gets a one-process group on this machine."""
@@ -96,12 +101,58 @@ def barrier():
         torch.distributed.barrier()
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every run knows about its process once `start_run` has set it up."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints, writes files and exports."""
+        return self.rank == 0
+
+    def say(self, echo: Callable[[str], None]) -> Callable[[str], None]:
+        """`echo` on rank 0, a no-op elsewhere: N processes print one report."""
+        return echo if self.main else (lambda *args, **kwargs: None)
+
+
+def start_run(recipe: Recipe, *, dry_run: bool = False) -> Run:
+    """The one set-up of every run (general distillation, fine-tuning, task distillation): the process group when a
+    launcher started several processes, or a one-process group when DeepSpeed needs one; then the seed and the
+    device. Everything after it (micro-batch sizes, ranks, who writes) reads the world it made."""
+    if not dry_run and recipe.deepspeed is not None:
+        init_deepspeed()
+    elif not dry_run and launched_processes() > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(default_device())
+    seed_everything(recipe.seed)
+    return Run(rank, world_size, default_device())
+
+
+def micro_batch_size(recipe: Recipe) -> int:
+    """Rows per process per forward: the recipe's batch_size is the global batch (all processes, all
+    micro-batches of one optimizer step)."""
+    _, world_size = world()
+    micro = recipe.batch_size // (recipe.grad_accum * world_size)
+    if micro == 0:
+        raise TrainingError(f"batch_size {recipe.batch_size} is smaller than grad_accum x processes "
+                            f"({recipe.grad_accum} x {world_size})")
+    return micro
+
+
 # ---------------------------------------------------------------------------------------------------- engines
 
 
 class PlainEngine:
     """The engine seam without DeepSpeed, with the methods the loop calls on a DeepSpeedEngine: call, backward,
-    step (which only steps the optimizer at an accumulation boundary), save_checkpoint, load_checkpoint."""
+    step (which only steps the optimizer at an accumulation boundary), save_checkpoint, load_checkpoint.
+    Under a launcher with several processes it averages the gradients across them before each update (what DDP
+    does), so every process holds the same weights."""
 
     def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
@@ -124,6 +175,7 @@ class PlainEngine:
     def step(self):
         if self.is_gradient_accumulation_boundary():
             params = [p for p in self.module.parameters() if p.grad is not None]
+            _average_across_processes([p.grad for p in params])
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
             self.grad_norm = norm.item()
             self.optimizer.step()
@@ -154,6 +206,18 @@ class PlainEngine:
         return state["client_state"]
 
 
+def _average_across_processes(tensors: list[Tensor]):
+    """All-reduce `tensors` to their mean over the processes, in one flat buffer (a no-op for one process)."""
+    _, world_size = world()
+    if world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
 class DeepSpeedEngine:
     """deepspeed.initialize's engine behind the same seam; the recipe's `deepspeed` block is its config."""
 
@@ -161,7 +225,7 @@ class DeepSpeedEngine:
         deepspeed = init_deepspeed()
         _, world_size = world()
         config = dict(recipe.deepspeed)
-        micro = recipe.batch_size // (recipe.grad_accum * world_size)
+        micro = micro_batch_size(recipe)
         derived = {
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": recipe.grad_accum,
@@ -297,6 +361,75 @@ def load_checkpoint(engine, path: Path) -> dict:
     return client_state
 
 
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint under output/checkpoints, or None."""
+    found = checkpoints(output) if output.is_dir() else []
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------ run directories
+
+
+def check_output(output: Path, names: tuple[str, ...], *, resume: bool, overwrite: bool,
+                 needs_checkpoint: bool = False):
+    """Refuse to mix two runs in one directory (`names`: the files a run of this kind writes there). Removes
+    nothing: `clear_output` does, once the new run is set up, so a bad input leaves the old run intact.
+    needs_checkpoint: --resume also needs a checkpoint under output/checkpoints (a one-stage run)."""
+    holds_run = output.is_dir() and any((output / name).exists() for name in names)
+    if resume and not holds_run:
+        raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
+    if resume and needs_checkpoint and latest_checkpoint(output) is None:
+        raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; pass --overwrite to start "
+                            f"again")
+    if not resume and holds_run and not overwrite:
+        raise TrainingError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace "
+                            f"it, or choose another --output")
+
+
+def clear_output(output: Path, names: tuple[str, ...]):
+    """--overwrite: rank 0 removes the previous run's files (only those; anything else in the directory stays)."""
+    if world()[0] == 0:
+        for name in names:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    barrier()
+
+
+def write_recipe(output: Path, record: dict):
+    """recipe.yaml: what the run was started with (rank 0)."""
+    import yaml
+
+    if world()[0] == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def run_stage(stage: Stage, recipe: Recipe, output: Path, steps: int, device: torch.device, *, resume: bool,
+              extra_state: dict[str, dict] | None = None, on_start: Callable[[], None] | None = None,
+              progress: bool = True, echo=print):
+    """One stage of a run, the same for every kind: engine, resume from the newest checkpoint under `output`
+    (with --resume), train to `steps`, checkpoints on the way. Returns the engine.
+
+    extra_state: dicts that travel in the checkpoints (e.g. the best score so far); on resume each is refilled
+    from the checkpoint before training goes on. on_start: called once the engine stands and the checkpoint is
+    loaded, before the first step (where --overwrite clears the old run: a run that fails to set up leaves it)."""
+    import copy
+
+    latest = latest_checkpoint(output) if resume else None
+    stage.module.to(device)
+    engine = build_engine(stage.module, recipe, steps, device)
+    resumed = load_checkpoint(engine, latest) if latest else None
+    if resumed:
+        for key, value in (extra_state or {}).items():
+            value.update(copy.deepcopy(resumed[key]))
+        which = {"stage1": "stage 1 ", "stage2": "stage 2 "}.get(stage.name, "")  # task distillation's two
+        echo(f"resuming {which}from {latest} (step {resumed['step']} of {steps})")
+    if on_start is not None:
+        on_start()
+    train(stage, engine, recipe, output, steps, resume=resumed, extra_state=extra_state, progress=progress)
+    return engine
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
@@ -414,15 +547,9 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
             terms = engine(batch)
             loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
             if not torch.isfinite(loss):
-                last = checkpoints(output)
                 bar.close()  # end the progress line, so the error is a line of its own
                 log.close()
-                raise TrainingError(
-                    f"stage {stage.name}: loss is {loss.item()} at step {step + 1} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                    f"{'the last checkpoint ' + last[-1].name + ' is intact' if last else 'no checkpoint was written'}"
-                    f"; lower learning_rate" + (" or use precision=fp32" if recipe.precision != "fp32" else "")
-                )
+                raise _non_finite(stage, recipe, output, step, loss, terms)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             engine.step()
@@ -462,6 +589,16 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
     bar.close()
     log.close()
     return step
+
+
+def _non_finite(stage: Stage, recipe: Recipe, output: Path, step: int, loss: Tensor, terms: dict) -> TrainingError:
+    last = latest_checkpoint(output)
+    return TrainingError(
+        f"stage {stage.name}: loss is {loss.item()} at step {step + 1} "
+        f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+        f"{'the last checkpoint ' + last.name + ' is intact' if last else 'no checkpoint was written'}"
+        f"; lower learning_rate" + (" or use precision=fp32" if recipe.precision != "fp32" else "")
+    )
 
 
 @torch.no_grad()
