@@ -188,3 +188,98 @@ def test_terms_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = distiller(make_batch())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+
+
+# ---- MiniLM relation terms ----
+
+V1 = ("attention_relation", "value_relation")
+V2 = ("q_relation", "k_relation", "v_relation")
+# A student of another depth (3, not a divisor of 4), width (24) and head count (2): fine for the v2 terms.
+ODD = TEACHER.replace(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48)
+
+
+def projections_by_hand(model, hidden_states, layer):
+    """(q, k, v) of a 1-based layer, each (B, T, H), from that layer's input and its Linear weights."""
+    attn, x = model.layers[layer - 1].attn, hidden_states[layer - 1]
+    return attn.q(x), attn.k(x), attn.v(x)
+
+
+def test_relation_terms_match_the_loss_functions():
+    from tinybert.losses import attention_kl, relation_kl
+
+    batch, mask = make_batch(), make_batch()["attention_mask"]
+    # v2 into the odd student: the teacher's layer 3 teaches the student's last layer (3), 4 relation heads.
+    distiller = make_distiller(student_config=ODD, terms=V2, relation_heads=4, teacher_layer=3).eval()
+    terms = distiller(batch)
+    s = distiller.student(batch["input_ids"], mask)
+    t = distiller.teacher(batch["input_ids"], mask)
+    sq, tq = projections_by_hand(distiller.student, s.hidden_states, 3), projections_by_hand(
+        distiller.teacher, t.hidden_states, 3)
+    for i, name in enumerate(V2):
+        assert torch.allclose(terms[name], relation_kl(sq[i], tq[i], mask, 4), atol=1e-6), name
+        assert terms[name] > 0
+    # v1 on every layer pair of the map (teacher_layer: map), beside TinyBERT's attention term.
+    distiller = make_distiller([0, 2, 4], terms=("attention", *V1), teacher_layer="map").eval()
+    terms = distiller(batch)
+    s = distiller.student(batch["input_ids"], mask, score_layers=(1, 2))
+    t = distiller.teacher(batch["input_ids"], mask, score_layers=(2, 4))
+    expected_att = sum(attention_kl(s.attention_scores[j], t.attention_scores[m], mask) for j, m in ((1, 2), (2, 4)))
+    expected_val = sum(relation_kl(projections_by_hand(distiller.student, s.hidden_states, j)[2],
+                                   projections_by_hand(distiller.teacher, t.hidden_states, m)[2], mask, 4)
+                       for j, m in ((1, 2), (2, 4)))
+    assert torch.allclose(terms["attention_relation"], expected_att, atol=1e-6)
+    assert torch.allclose(terms["value_relation"], expected_val, atol=1e-6)
+    assert set(terms) == {"attention", *V1}
+
+
+def test_relation_terms_zero_when_student_is_the_teacher():
+    torch.manual_seed(0)
+    teacher = Bert(TEACHER)
+    for teacher_layer in (None, "map"):
+        distiller = Distiller(teacher, copy.deepcopy(teacher), "uniform", terms=(*V1, *V2), relation_heads=8,
+                              teacher_layer=teacher_layer).eval()
+        assert {k: v.item() for k, v in distiller(make_batch()).items()} == {k: 0.0 for k in (*V1, *V2)}
+
+
+def test_relation_terms_need_no_layer_map_and_teach_the_last_layer():
+    batch = make_batch()
+    # 4 -> 3 layers has no uniform map: the v2 terms do not need one.
+    distiller = make_distiller(student_config=ODD, terms=V2, relation_heads=8).train()
+    assert distiller.layer_map is None and distiller.relation_layers == [(3, 4)]
+    assert len(list(distiller.projections.parameters())) == 0  # nothing to project: not a parameter to waste
+    calls = record_teacher_layers(distiller)
+    sum(distiller(batch).values()).backward()
+    assert calls == [(1, False), (2, False), (3, False), (4, False)]  # q/k/v kept, fused attention all the way
+    # Gradients reach the last layer's attention and everything below it, not the layer's FFN output path only.
+    student = distiller.student
+    assert student.layers[2].attn.q.weight.grad.abs().sum() > 0 and student.layers[0].up.weight.grad.abs().sum() > 0
+    assert student.layers[2].attn.out.weight.grad is None  # the attention output comes after q, k, v
+    # An upper-middle teacher layer: the teacher stops there; attention_relation asks for its scores only.
+    distiller = make_distiller(student_config=ODD.replace(num_attention_heads=4), terms=("attention_relation",),
+                               teacher_layer=2)
+    calls = record_teacher_layers(distiller)
+    distiller(batch)
+    assert calls == [(1, False), (2, True)]
+
+
+def test_relation_configuration_errors():
+    with pytest.raises(LayerMapError, match="recipe terms attention_relation, value_relation \\(MiniLM\\) compare "
+                                            "teacher and student head by head, but the teacher has 4 heads and the "
+                                            "student 2; give the student 4 heads"):
+        make_distiller(student_config=ODD, terms=V1)
+    with pytest.raises(ValueError, match="recipe key relation_heads: 16 does not divide both the teacher's width 32 "
+                                         "and the student's 24; use a common divisor, e.g. 8"):
+        make_distiller(student_config=ODD, terms=V2, relation_heads=16)
+    with pytest.raises(LayerMapError, match="recipe key teacher_layer: 5 is not a layer of the 4-layer teacher"):
+        make_distiller(student_config=ODD, terms=V2, relation_heads=8, teacher_layer=5)
+    with pytest.raises(LayerMapError, match="explicit list"):  # teacher_layer map needs a map, 4 -> 3 has none
+        make_distiller(student_config=ODD, terms=V2, relation_heads=8, teacher_layer="map")
+    make_distiller(student_config=ODD, terms=("hidden", *V2), layer_map=[0, 1, 3, 4], relation_heads=8)
+
+
+def test_relation_terms_fp32_under_bf16_autocast():
+    distiller = make_distiller(student_config=ODD, terms=V2, relation_heads=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = distiller(make_batch())
+    assert set(terms) == set(V2)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())

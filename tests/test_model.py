@@ -74,6 +74,27 @@ def test_fused_path_equals_explicit_path(minilm):
     assert fused.attention_scores == {}
 
 
+def test_queries_keys_values_of_asked_layers_match_transformers(minilm):
+    """MiniLM's relation losses read a layer's q, k, v (B, T, H): only the asked layers return them, they are
+    transformers' own projections of that layer's input, and asking changes nothing else (the fused path stays)."""
+    tokenizer, ours, hf = minilm
+    enc = _batch(tokenizer)
+    with torch.no_grad():
+        plain = ours(**enc)
+        out = ours(**enc, qkv_layers=[2, 6])
+        ref = hf(**enc, output_hidden_states=True)
+    assert sorted(out.qkv) == [2, 6] and plain.qkv == {} and out.attention_scores == {}
+    for a, b in zip(plain.hidden_states, out.hidden_states):
+        assert torch.equal(a, b)
+    for i in (2, 6):
+        self_attention = hf.encoder.layer[i - 1].attention.self
+        x = ref.hidden_states[i - 1]
+        expected = (self_attention.query(x), self_attention.key(x), self_attention.value(x))
+        for name, got, want in zip("qkv", out.qkv[i], expected):
+            assert got.shape == (2, enc["input_ids"].shape[1], 384)
+            assert (got - want).abs().max() <= 1e-5, f"{name} of layer {i}"
+
+
 def test_num_layers_stops_early(minilm):
     tokenizer, ours, _ = minilm
     enc = _batch(tokenizer)

@@ -1,6 +1,7 @@
 """Teacher + student + projections + layer map -> a dict of unweighted loss terms.
 
-TinyBERT (Jiao et al., 2020) section 3.1: embedding, hidden-state, attention and prediction-layer distillation.
+TinyBERT (Jiao et al., 2020) section 3.1: embedding, hidden-state, attention and prediction-layer distillation;
+MiniLM (Wang et al., 2020) and MiniLMv2 (Wang et al., 2021): attention-distribution and q/k/v relation transfer.
 """
 
 from collections.abc import Iterable
@@ -9,16 +10,25 @@ import torch
 from torch import Tensor, nn
 
 from tinybert.losses import (
+    LayerMapError,
+    attention_kl,
     attention_mse,
+    check_relation_heads,
     hard_cross_entropy,
     hidden_mse,
     regression_mse,
+    relation_kl,
+    relation_layer_pairs,
     resolve_layer_map,
     soft_cross_entropy,
 )
 from tinybert.model import Bert
 
-TERMS = ("embedding", "hidden", "attention", "prediction")
+TERMS = ("embedding", "hidden", "attention", "prediction",
+         "attention_relation", "value_relation", "q_relation", "k_relation", "v_relation")
+LAYER_MAP_TERMS = ("embedding", "hidden", "attention")  # TinyBERT's: compared through the layer map
+MINILM_TERMS = ("attention_relation", "value_relation")  # MiniLM (v1): head by head, head counts must match
+RELATION_TERMS = {"q_relation": 0, "k_relation": 1, "v_relation": 2}  # MiniLMv2: index into the layer's (q, k, v)
 PREDICTIONS = ("soft", "mse", "mse_teacher", "hard")
 
 
@@ -65,6 +75,8 @@ class Distiller(nn.Module):
         temperature: float = 1.0,
         soft_mode: str = "original",
         shared_projection: bool = False,
+        relation_heads: int = 12,
+        teacher_layer: int | str | None = None,
     ):
         super().__init__()
         terms = tuple(terms)
@@ -79,16 +91,58 @@ class Distiller(nn.Module):
         tc, sc = teacher.config, student.config
         if "prediction" in terms and not sc.num_labels:
             raise ValueError("the 'prediction' term needs a student with a head (num_labels > 0)")
-        self.layer_map = resolve_layer_map(
-            layer_map, tc.num_hidden_layers, sc.num_hidden_layers,
-            teacher_heads=tc.num_attention_heads, student_heads=sc.num_attention_heads, attention="attention" in terms,
-        )
+        # The layer map is resolved only where a term uses it: a relation-only run needs no map between depths.
+        self.layer_map = None
+        if any(t in terms for t in LAYER_MAP_TERMS) or teacher_layer == "map":
+            self.layer_map = resolve_layer_map(
+                layer_map, tc.num_hidden_layers, sc.num_hidden_layers, teacher_heads=tc.num_attention_heads,
+                student_heads=sc.num_attention_heads, attention="attention" in terms,
+            )
+        self.relation_layers = []  # (student layer, teacher layer) pairs of the relation terms
+        if any(t in terms for t in (*MINILM_TERMS, *RELATION_TERMS)):
+            self.relation_layers = relation_layer_pairs(
+                teacher_layer, tc.num_hidden_layers, sc.num_hidden_layers, self.layer_map
+            )
+        v1 = [t for t in terms if t in MINILM_TERMS]
+        if v1 and tc.num_attention_heads != sc.num_attention_heads:
+            raise LayerMapError(
+                f"recipe terms {', '.join(v1)} (MiniLM) compare teacher and student head by head, but the teacher has "
+                f"{tc.num_attention_heads} heads and the student {sc.num_attention_heads}; give the student "
+                f"{tc.num_attention_heads} heads, or use q_relation, k_relation, v_relation (any head counts)"
+            )
+        if any(t in terms for t in RELATION_TERMS):
+            check_relation_heads(relation_heads, tc.hidden_size, sc.hidden_size)
+        self.relation_heads, self.teacher_layer = relation_heads, teacher_layer
         self.terms, self.attention_mode, self.prediction = terms, attention_mode, prediction
         self.temperature, self.soft_mode = temperature, soft_mode
         self.student = student
-        self.projections = Projections(sc.hidden_size, tc.hidden_size, len(self.layer_map), shared=shared_projection)
+        states = len(self.layer_map) if self.layer_map is not None else 0
+        self.projections = Projections(sc.hidden_size, tc.hidden_size, states, shared=shared_projection)
         # Assigned past nn.Module.__setattr__ so the teacher is not registered: not trained, not in the checkpoint.
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
+
+    def describe_relations(self) -> list[str]:
+        """For a dry run: each relation term's (student <- teacher) layers and whether head counts must match."""
+        terms = [t for t in self.terms if t in MINILM_TERMS or t in RELATION_TERMS]
+        if not terms:
+            return []
+        tc, sc = self.teacher.config, self.student.config
+        source = {None: f"teacher_layer null: the teacher's last layer teaches the student's last",
+                  "map": "teacher_layer map: student layer j <- teacher layer layer_map[j]"}.get(
+            self.teacher_layer, f"teacher_layer {self.teacher_layer} teaches the student's last layer")
+        lines = [f"relation terms (MiniLM; {source}):"]
+        pairs = ", ".join(f"layer {s} <- layer {t}" for s, t in self.relation_layers)
+        for term in terms:
+            if term in MINILM_TERMS:
+                check = (f"head counts must match, and do: {tc.num_attention_heads} heads in both (v1 compares "
+                         f"attention heads one to one)")
+            else:
+                rh = self.relation_heads
+                check = (f"no head-count check: {rh} relation heads split each width (d_r {tc.hidden_size // rh} "
+                         f"teacher, {sc.hidden_size // rh} student), whatever the attention heads "
+                         f"({tc.num_attention_heads} teacher, {sc.num_attention_heads} student)")
+            lines.append(f"  {term}: student {pairs}; {check}")
+        return lines
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -98,23 +152,34 @@ class Distiller(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """batch: input_ids, attention_mask, token_type_ids (B, T); optional labels (B,), teacher_logits (B, C).
 
-        Returns {term: scalar fp32 tensor} for the requested terms; "hidden" and "attention" are sums over layers.
+        Returns {term: scalar fp32 tensor} for the requested terms; "hidden", "attention" and the relation terms are
+        sums over the layers they pair.
         """
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-        layer_map, M = self.layer_map, len(self.layer_map) - 1
+        layer_map, pairs = self.layer_map, self.relation_layers
+        M = len(layer_map) - 1 if layer_map is not None else 0
         attention, predict = "attention" in self.terms, "prediction" in self.terms
-        student = self.student(ids, mask, types, score_layers=tuple(range(1, M + 1)) if attention else ())
+        kl_scores = "attention_relation" in self.terms
+        qkv = any(t in self.terms for t in ("value_relation", *RELATION_TERMS))
+        student_scores = set(range(1, M + 1)) if attention else set()
+        student_scores |= {s for s, _ in pairs} if kl_scores else set()
+        student = self.student(ids, mask, types, score_layers=student_scores,
+                               qkv_layers={s for s, _ in pairs} if qkv else ())
 
         teacher_logits = batch.get("teacher_logits")
         needs_logits = predict and self.prediction in ("soft", "mse_teacher") and teacher_logits is None
-        if needs_logits or any(t in self.terms for t in ("embedding", "hidden", "attention")):
-            # The teacher stops at its last mapped layer (at the embeddings if only they are compared) unless the
-            # logits are needed, and computes explicit scores only for the mapped layers.
-            last = layer_map[-1] if "hidden" in self.terms or attention else layer_map[0]
+        needed = [layer_map[0]] if "embedding" in self.terms else []  # the teacher states the terms compare
+        needed += layer_map[1:] if "hidden" in self.terms or attention else []
+        needed += [t for _, t in pairs]
+        if needs_logits or needed:
+            # The teacher stops at the last state a term compares (at the embeddings if only they are) unless the
+            # logits are needed, and computes explicit scores, or keeps q/k/v, only for the layers compared.
+            teacher_scores = set(layer_map[1:]) if attention else set()
+            teacher_scores |= {t for _, t in pairs} if kl_scores else set()
             with torch.no_grad():  # not inference_mode: its outputs then mix freely with the student's graph
                 teacher = self.teacher(
-                    ids, mask, types, score_layers=tuple(layer_map[1:]) if attention else (),
-                    num_layers=None if needs_logits else last,
+                    ids, mask, types, score_layers=teacher_scores, qkv_layers={t for _, t in pairs} if qkv else (),
+                    num_layers=None if needs_logits else max(needed),
                 )
             if needs_logits:
                 teacher_logits = teacher.logits
@@ -135,6 +200,20 @@ class Distiller(nn.Module):
                               self.attention_mode)
                 for j in range(1, M + 1)
             )
+        if kl_scores:
+            terms["attention_relation"] = sum(
+                attention_kl(student.attention_scores[s], teacher.attention_scores[t], mask) for s, t in pairs
+            )
+        if "value_relation" in self.terms:  # v1: relation heads = the attention heads (equal in both models)
+            heads = self.teacher.config.num_attention_heads
+            terms["value_relation"] = sum(
+                relation_kl(student.qkv[s][2], teacher.qkv[t][2], mask, heads) for s, t in pairs
+            )
+        for name, i in RELATION_TERMS.items():
+            if name in self.terms:
+                terms[name] = sum(
+                    relation_kl(student.qkv[s][i], teacher.qkv[t][i], mask, self.relation_heads) for s, t in pairs
+                )
         if predict:
             if self.prediction == "soft":
                 terms["prediction"] = soft_cross_entropy(

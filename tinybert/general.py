@@ -1,5 +1,5 @@
 """General distillation (TinyBERT section 3.2, first stage): a teacher into a student on raw text with the
-embedding, hidden-state and attention losses, on the shared loop of train.py."""
+embedding, hidden-state and attention losses, or MiniLM's relation losses, on the shared loop of train.py."""
 
 from __future__ import annotations
 
@@ -60,14 +60,18 @@ def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller,
         lines.append(f"{name}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
                      f"{c.num_attention_heads} heads; {n['total'] / 1e6:.1f}M parameters "
                      f"({n['embeddings'] / 1e6:.1f}M embeddings, {n['encoder'] / 1e6:.1f}M encoder)")
-    lines.append("layer map (state 0 = embeddings):")
-    lines.append(f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores")
-    sh, th = student.config.hidden_size, teacher.config.hidden_size
-    proj = "identity" if sh == th else f"{sh} -> {th}" + (" (shared)" if recipe.shared_projection else "")
-    attention = "attention" in distiller.terms
-    for j, t in enumerate(distiller.layer_map):
-        scores = f"layer {j} <- layer {t}" if attention and j > 0 else "-"
-        lines.append(f"  {j:>8} <- {t:<8} {proj:<14} {scores}")
+    if distiller.layer_map is None:
+        lines.append("layer map: not used (no embedding, hidden or attention term)")
+    else:
+        lines.append("layer map (state 0 = embeddings):")
+        lines.append(f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores")
+        sh, th = student.config.hidden_size, teacher.config.hidden_size
+        proj = "identity" if sh == th else f"{sh} -> {th}" + (" (shared)" if recipe.shared_projection else "")
+        attention = "attention" in distiller.terms
+        for j, t in enumerate(distiller.layer_map):
+            scores = f"layer {j} <- layer {t}" if attention and j > 0 else "-"
+            lines.append(f"  {j:>8} <- {t:<8} {proj:<14} {scores}")
+    lines += distiller.describe_relations()
     n_proj = sum(p.numel() for p in distiller.projections.parameters())
     lines.append(f"projections: {n_proj:,} parameters (trained with the student, never exported)")
     for split, s in stats.items():
@@ -93,9 +97,11 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     student_model = build_student(student, teacher_model)
     terms = {name: weight for name, weight in recipe.terms.items() if name != "prediction"}
     if not terms:
-        raise TrainingError("general distillation needs at least one of the embedding, hidden, attention terms")
+        raise TrainingError("general distillation needs at least one loss term besides prediction (embedding, "
+                            "hidden, attention, or a relation term)")
     distiller = Distiller(teacher_model, student_model, recipe.layer_map, terms=tuple(terms),
-                          attention_mode=recipe.attention_mode, shared_projection=recipe.shared_projection)
+                          attention_mode=recipe.attention_mode, shared_projection=recipe.shared_projection,
+                          relation_heads=recipe.relation_heads, teacher_layer=recipe.teacher_layer)
     data = build_corpus(corpus, tokenizer, max_seq_length=recipe.max_seq_length,
                         heldout_fraction=recipe.heldout_fraction, seed=recipe.seed)
     micro = micro_batch_size(recipe)

@@ -1,8 +1,11 @@
 """Layer maps and the distillation losses, pure functions on tensors.
 
-Follows TinyBERT (Jiao et al., 2020) section 3.1 (eq. 7-12) and the original code's `task_distill.py`.
+Follows TinyBERT (Jiao et al., 2020) section 3.1 (eq. 7-12) and the original code's `task_distill.py`; the relation
+losses follow MiniLM (Wang et al., 2020, section 3: attention distributions and value relations of the last layer)
+and MiniLMv2 (Wang et al., 2021, section 3: query, key and value relations over relation heads).
 """
 
+import math
 import numbers
 
 import torch
@@ -76,6 +79,44 @@ def resolve_layer_map(
     return layer_map
 
 
+def relation_layer_pairs(
+    teacher_layer: int | str | None, teacher_layers: int, student_layers: int, layer_map: list[int] | None = None
+) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs, 1-based, that the relation losses compare.
+
+    teacher_layer None: the teacher's last layer teaches the student's last (MiniLM); an int: that teacher layer
+    teaches the student's last (MiniLMv2 takes an upper-middle layer of large teachers); "map": student layer j
+    learns teacher layer layer_map[j], every layer, as TinyBERT's attention loss does.
+    """
+    if teacher_layer == "map":
+        if layer_map is None:
+            raise LayerMapError("teacher_layer 'map' pairs the layers through layer_map, which is not resolved")
+        return [(j, layer_map[j]) for j in range(1, student_layers + 1)]
+    if teacher_layer is None:
+        return [(student_layers, teacher_layers)]
+    ok = isinstance(teacher_layer, numbers.Integral) and not isinstance(teacher_layer, bool)
+    if not ok or not 1 <= teacher_layer <= teacher_layers:
+        raise LayerMapError(
+            f"recipe key teacher_layer: {teacher_layer!r} is not a layer of the {teacher_layers}-layer teacher; use "
+            f"1 to {teacher_layers} (null: the last, {teacher_layers}), or 'map' to pair every student layer with "
+            f"its layer_map entry"
+        )
+    return [(student_layers, int(teacher_layer))]
+
+
+def check_relation_heads(relation_heads: int, teacher_width: int, student_width: int):
+    """MiniLMv2 splits each model's width into `relation_heads` equal chunks, so it must divide both widths."""
+    if relation_heads >= 1 and not teacher_width % relation_heads and not student_width % relation_heads:
+        return
+    common = math.gcd(teacher_width, student_width)
+    divisors = [d for d in range(1, common + 1) if not common % d]
+    closest = min(divisors, key=lambda d: (abs(d - relation_heads), -d))
+    raise ValueError(
+        f"recipe key relation_heads: {relation_heads} does not divide both the teacher's width {teacher_width} and "
+        f"the student's {student_width}; use a common divisor, e.g. {closest} (any of {', '.join(map(str, divisors))})"
+    )
+
+
 def _example_map(teacher_layers: int, student_layers: int) -> str:
     # A spread-out map to suggest in error messages; a student deeper than its teacher has none.
     if student_layers < 1 or student_layers > teacher_layers:
@@ -110,6 +151,66 @@ def attention_mse(
             pairs = m[:, None, :, None] * m[:, None, None, :]  # B, 1, T, T: 1 where query and key are real
             return ((s - t).pow(2) * pairs).sum() / (pairs.sum() * s.shape[1])
         raise ValueError(f"attention_mse mode {mode!r} is unknown; use 'masked' or 'original'")
+
+
+def _row_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) between the rows of softmax(logits) taken over the real keys, both (B, h, T, T).
+
+    Each row (a query token of one head) is a distribution over the keys; padded keys get probability 0 in both and
+    add nothing. Reduction as MiniLM's eq. 1/(A_h |x|) sum_a sum_t: the mean over the real query rows of each
+    sequence and over the heads, then the mean over the batch. Padding therefore never changes the value.
+    """
+    keep = attention_mask.bool()  # B, T
+    keys = keep[:, None, None, :]  # B, 1, 1, T
+    low = torch.finfo(torch.float32).min  # finite: no inf - inf = nan in the padded cells we discard below
+    log_t = teacher_logits.float().masked_fill(~keys, low).log_softmax(-1)  # B, h, T, T
+    log_s = student_logits.float().masked_fill(~keys, low).log_softmax(-1)
+    kl = torch.where(keys, log_t.exp() * (log_t - log_s), 0.0).sum(-1)  # B, h, T: one KL per head and query
+    rows = keep.float()[:, None, :]  # B, 1, T: real query rows
+    per_sequence = (kl * rows).sum((1, 2)) / (rows.sum((1, 2)).clamp(min=1) * kl.shape[1])  # B
+    return per_sequence.mean()
+
+
+def relation_logits(x: torch.Tensor, relation_heads: int) -> torch.Tensor:
+    """MiniLMv2's relation scores: x (B, T, H) (every attention head's queries, keys or values side by side) split
+    into `relation_heads` chunks of d_r = H / relation_heads, then X_a X_a^T / sqrt(d_r): (B, relation_heads, T, T)."""
+    B, T, H = x.shape
+    if H % relation_heads:
+        raise ValueError(f"relation_heads {relation_heads} does not divide the width {H}")
+    d_r = H // relation_heads
+    x = x.view(B, T, relation_heads, d_r).transpose(1, 2)  # B, A_r, T, d_r
+    return (x @ x.transpose(-1, -2)) * d_r**-0.5  # B, A_r, T, T
+
+
+def attention_kl(
+    student_scores: torch.Tensor, teacher_scores: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """MiniLM's self-attention distribution transfer: KL(teacher || student) between softmax(scores) over the real
+    keys, head by head. scores: (B, nh, T, T) pre-softmax QK^T/sqrt(d), mask NOT added (what the model returns);
+    attention_mask: (B, T), 1 = real token. The head counts must match; the widths need not. Returns a scalar: the
+    mean over real query rows and heads of each sequence, then over the batch (see `_row_kl`)."""
+    if student_scores.shape[1] != teacher_scores.shape[1]:
+        raise ValueError(f"attention_kl compares head by head: the student has {student_scores.shape[1]} heads and "
+                         f"the teacher {teacher_scores.shape[1]}")
+    with _fp32(student_scores):
+        return _row_kl(student_scores, teacher_scores, attention_mask)
+
+
+def relation_kl(
+    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor, relation_heads: int
+) -> torch.Tensor:
+    """MiniLMv2's relation transfer: KL(teacher || student) between softmax(X_a X_a^T / sqrt(d_r)) of each relation
+    head a, each model with its own d_r = width / relation_heads.
+
+    student (B, T, H_s), teacher (B, T, H_t): one kind of vectors (queries, keys or values) of one layer, every
+    attention head's side by side; the widths may differ, `relation_heads` must divide both. attention_mask: (B, T).
+    Returns a scalar, reduced as `_row_kl`. With relation_heads = the attention head count and the values, this is
+    MiniLM's (v1) value relation: softmax(V_a V_a^T / sqrt(d_k)) per attention head.
+    """
+    with _fp32(student):
+        s = relation_logits(student.float(), relation_heads)  # B, A_r, T, T
+        t = relation_logits(teacher.float(), relation_heads)
+        return _row_kl(s, t, attention_mask)
 
 
 def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:

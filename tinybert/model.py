@@ -2,7 +2,8 @@
 
 Layers whose attention scores nobody asked for run fused `scaled_dot_product_attention`; the layers a distillation
 loss needs compute `QK^T/sqrt(d)` explicitly and return it before the mask is added (TinyBERT distils pre-softmax
-scores, which neither HF's `output_attentions` nor the fused kernel give).
+scores, which neither HF's `output_attentions` nor the fused kernel give). MiniLM's relation losses need a layer's
+queries, keys and values: those come back for the layers asked for, whichever attention path the layer runs.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class BertOutput(NamedTuple):
     attention_scores: dict[int, Tensor]  # 1-based layer -> (B, nh, T, T) QK^T/sqrt(d), mask not added
     pooled: Tensor | None  # (B, H) tanh(W h_[CLS]); None when the forward stopped early
     logits: Tensor | None  # (B, num_labels) when the model has a head
+    qkv: dict[int, tuple[Tensor, Tensor, Tensor]]  # 1-based layer -> queries, keys, values, each (B, T, H)
 
 
 class Embeddings(nn.Module):
@@ -116,11 +118,15 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(H, H)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: Tensor, keep: Tensor | None, with_scores: bool) -> tuple[Tensor, Tensor | None]:
-        """x: (B, T, H); keep: (B, 1, 1, T) bool, True where the key is a real token; None when all are."""
+    def forward(self, x: Tensor, keep: Tensor | None, with_scores: bool) -> tuple[Tensor, Tensor | None, tuple]:
+        """x: (B, T, H); keep: (B, 1, 1, T) bool, True where the key is a real token; None when all are.
+
+        Returns the output (B, T, H), the pre-softmax scores (B, nh, T, T) or None, and the projections (q, k, v),
+        each (B, T, H): every head's vectors side by side, as MiniLM's relations take them."""
         B, T, H = x.shape
         nh, hd = self.num_heads, H // self.num_heads
-        q, k, v = (proj(x).view(B, T, nh, hd).transpose(1, 2) for proj in (self.q, self.k, self.v))  # B, nh, T, hd
+        projections = (self.q(x), self.k(x), self.v(x))  # each B, T, H
+        q, k, v = (p.view(B, T, nh, hd).transpose(1, 2) for p in projections)  # B, nh, T, hd
         dropout_p = self.dropout_p if self.training else 0.0
         scores = None
         if with_scores:
@@ -131,7 +137,7 @@ class SelfAttention(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
         context = context.transpose(1, 2).reshape(B, T, H)  # B, T, nh*hd
-        return self.out(context), scores
+        return self.out(context), scores, projections
 
 
 class Layer(nn.Module):
@@ -147,11 +153,11 @@ class Layer(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: Tensor, keep: Tensor | None, with_scores: bool) -> tuple[Tensor, Tensor | None]:
-        attended, scores = self.attn(x, keep, with_scores)
+    def forward(self, x: Tensor, keep: Tensor | None, with_scores: bool) -> tuple[Tensor, Tensor | None, tuple]:
+        attended, scores, projections = self.attn(x, keep, with_scores)
         x = self.attn_norm(x + self.dropout(attended))
         x = self.ffn_norm(x + self.dropout(self.down(self.act(self.up(x)))))
-        return x, scores
+        return x, scores, projections
 
 
 class MLMHead(nn.Module):
@@ -203,11 +209,13 @@ class Bert(nn.Module):
         token_type_ids: Tensor | None = None,
         *,
         score_layers: tuple[int, ...] | list[int] | set[int] = (),
+        qkv_layers: tuple[int, ...] | list[int] | set[int] = (),
         num_layers: int | None = None,
     ) -> BertOutput:
         """input_ids, attention_mask (1 = real token), token_type_ids: (B, T).
 
         score_layers: 1-based layers whose pre-softmax scores to return (the others run fused attention).
+        qkv_layers: 1-based layers whose queries, keys and values to return (the attention path is unchanged).
         num_layers: run only the first `num_layers` layers (a teacher needs no more than its last mapped layer);
         pooled and logits are then None.
         """
@@ -219,17 +227,19 @@ class Bert(nn.Module):
         # Without padding the fused kernel runs unmasked, which is faster (transformers drops such masks too).
         keep = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]  # B, 1, 1, T
         x = self.embeddings(input_ids, token_type_ids)
-        hidden_states, attention_scores = [x], {}
+        hidden_states, attention_scores, qkv = [x], {}, {}
         for i, layer in enumerate(self.layers[:L], start=1):
-            x, scores = layer(x, keep, i in score_layers)
+            x, scores, projections = layer(x, keep, i in score_layers)
             hidden_states.append(x)
             if scores is not None:
                 attention_scores[i] = scores
+            if i in qkv_layers:  # kept only where asked: the others are freed as the forward goes on
+                qkv[i] = projections
         if L < self.config.num_hidden_layers:
-            return BertOutput(hidden_states, attention_scores, None, None)
+            return BertOutput(hidden_states, attention_scores, None, None, qkv)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # B, H
         logits = self.classifier(self.head_dropout(pooled)) if self.classifier is not None else None
-        return BertOutput(hidden_states, attention_scores, pooled, logits)
+        return BertOutput(hidden_states, attention_scores, pooled, logits, qkv)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         if self.mlm is None:

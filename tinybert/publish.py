@@ -21,7 +21,8 @@ import yaml
 from tinybert.hub import CheckpointError, load_model, read_config
 from tinybert.report import read_log, run_logs
 
-LOSS_TERMS = ("embedding", "hidden", "attention", "prediction")
+LOSS_TERMS = ("embedding", "hidden", "attention", "prediction",
+              "attention_relation", "value_relation", "q_relation", "k_relation", "v_relation")
 STAGE_TITLES = {
     "general": "General distillation (TinyBERT section 3.2, on raw text)",
     "stage1": "Task distillation, stage 1: intermediate layers",

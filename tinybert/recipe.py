@@ -58,6 +58,11 @@ class Recipe:
     prediction: str = "soft"  # soft | mse | mse_teacher | hard
     temperature: float = 1.0
     soft_mode: str = "original"  # original | batchmean
+    # MiniLM relation terms: teacher_layer null = the teacher's last layer teaches the student's last; an int = that
+    # teacher layer; "map" = every student layer j learns teacher layer layer_map[j]. relation_heads (q/k/v_relation
+    # only) must divide both widths.
+    relation_heads: int = 12
+    teacher_layer: typing.Optional[typing.Union[int, str]] = None
     # Data.
     heldout_fraction: float = 0.01
     max_train_examples: int = 0  # tasks: > 0 keeps the first N training rows (quick runs); 0 = all
@@ -85,7 +90,7 @@ class Recipe:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "relation_heads")
         for key in positive:
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise RecipeError(f"recipe key {key} must be positive, got {getattr(self, key)}")
@@ -102,10 +107,15 @@ class Recipe:
         if isinstance(self.layer_map, str) and self.layer_map != "uniform":
             raise RecipeError(f"recipe key layer_map: give 'uniform' or a list like [0, 3, 6, 9, 12], "
                               f"not {self.layer_map!r}")
+        if isinstance(self.teacher_layer, str) and self.teacher_layer != "map" or (
+                isinstance(self.teacher_layer, int) and self.teacher_layer < 1):
+            raise RecipeError(f"recipe key teacher_layer: {self.teacher_layer!r} is not a teacher layer; give a "
+                              f"layer number from 1, null (the teacher's last) or 'map'")
+        known_terms = ("embedding", "hidden", "attention", "prediction",
+                       "attention_relation", "value_relation", "q_relation", "k_relation", "v_relation")
         for term, weight in self.terms.items():
-            if term not in ("embedding", "hidden", "attention", "prediction"):
-                raise RecipeError(f"recipe key terms.{term}: unknown loss term; use embedding, hidden, attention, "
-                                  f"prediction")
+            if term not in known_terms:
+                raise RecipeError(f"recipe key terms.{term}: unknown loss term; use {', '.join(known_terms)}")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise RecipeError(f"recipe key terms.{term}: weight must be a number, got {weight!r}")
         for name in STAGES:

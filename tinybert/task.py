@@ -506,14 +506,16 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     def distiller(model: Bert, r: Recipe, terms: dict) -> Distiller:
         return Distiller(teacher_model, model, r.layer_map, terms=tuple(terms), attention_mode=r.attention_mode,
                          prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
-                         shared_projection=r.shared_projection)
+                         shared_projection=r.shared_projection, relation_heads=r.relation_heads,
+                         teacher_layer=r.teacher_layer)
 
     stage1 = _stage1(distiller(student_model, r1, terms1), r1, terms1, sets["stage1"], pad, run.device)
     steps1, steps2 = total_steps(stage1, r1), count_steps(sets["stage2"]["train"], r2)
     rows = f"{len(raw['train'])} train rows" + (f" from {data.augmented}" if data.augmented else "")
     say(f"task {task.name}: {rows}; dev: {', '.join(f'{s} {len(ds)}' for s, ds in dev2.items())}; "
         f"main metric {task.main_metric}\n"
-        f"layer map (student state <- teacher state, 0 = embeddings): {stage1.module.layer_map}\n"
+        f"layer map (student state <- teacher state, 0 = embeddings): {stage1.module.layer_map or 'not used'}\n"
+        + "".join(line + "\n" for line in stage1.module.describe_relations())
         + describe_stage("stage1", r1, source1, steps1, len(raw["train"]), " + ".join(terms1)) + "\n"
         + describe_stage("stage2", r2, source2, steps2, len(raw["train"]), " + ".join(terms2) + f" ({prediction})"))
     if dry_run:
