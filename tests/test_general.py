@@ -82,8 +82,6 @@ REAL_STEPS = 200
 @pytest.mark.slow
 @pytest.mark.parametrize("name", STUDENTS)
 def test_every_loss_term_falls_and_the_student_loads_in_transformers(name, minilm_dir, books, tmp_path):
-    from transformers import AutoModel, AutoTokenizer
-
     book, extra, projections = STUDENTS[name]
     if name.startswith("3l"):
         student = save_student(tmp_path / "student-init", minilm_dir, hidden_size=384, num_hidden_layers=3,
@@ -113,13 +111,19 @@ def test_every_loss_term_falls_and_the_student_loads_in_transformers(name, minil
     assert not any("fit_dense" in k or "projection" in k for k in exported)
     assert checkpoint_steps(output) == [100, 200]
 
-    # The exported student: plain transformers, offline, and the same numbers as our model.
-    hf, info = AutoModel.from_pretrained(str(output / "student"), local_files_only=True, output_loading_info=True)
+    assert_loads_in_transformers(output / "student")
+
+
+def assert_loads_in_transformers(student: Path):
+    """The exported student: plain transformers, offline, and the same numbers as our model."""
+    from transformers import AutoModel, AutoTokenizer
+
+    hf, info = AutoModel.from_pretrained(str(student), local_files_only=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ours = load_model(output / "student")
-    assert (hf.config.num_hidden_layers, hf.config.hidden_size) == (ours.config.num_hidden_layers,
-                                                                    ours.config.hidden_size)
-    tokenizer = AutoTokenizer.from_pretrained(str(output / "student"), local_files_only=True)
+    ours = load_model(student)
+    assert (hf.config.num_hidden_layers, hf.config.hidden_size, hf.config.num_attention_heads) == (
+        ours.config.num_hidden_layers, ours.config.hidden_size, ours.config.num_attention_heads)
+    tokenizer = AutoTokenizer.from_pretrained(str(student), local_files_only=True)
     batch = tokenizer(["Marley was dead: to begin with.", "Alice was beginning to get very tired."],
                       padding=True, return_tensors="pt")
     hf.eval(), ours.eval()
@@ -279,6 +283,14 @@ BAD = {
                            "it has 7 entries but a 4-layer student needs 5"),
     "no uniform map": (["--corpus", "{carol}", "layer_map=uniform"],
                        "no uniform layer map from a 6-layer teacher to a 4-layer student"),
+    "relation heads": (["--corpus", "{carol}", "terms={q_relation: 1, k_relation: 1}", "relation_heads=7"],
+                       "recipe key relation_heads: 7 does not divide both the teacher's width 384 and the student's "
+                       "312; use a common divisor, e.g. 8 (any of 1, 2, 3, 4, 6, 8, 12, 24)"),
+    "teacher layer": (["--corpus", "{carol}", "terms={v_relation: 1}", "teacher_layer=7"],
+                      "recipe key teacher_layer: 7 is not a layer of the 6-layer teacher; use 1 to 6"),
+    "v1 head mismatch": (["--corpus", "{carol}", "--student", "{heads}", "terms={attention_relation: 1}"],
+                         "recipe terms attention_relation (MiniLM) compare teacher and student head by head, but the "
+                         "teacher has 12 heads and the student 4; give the student 12 heads"),
     "unknown key": (["--corpus", "{carol}", "learnig_rate=1e-4"], "did you mean learning_rate?"),
     "wrong type": (["--corpus", "{carol}", "batch_size=eight"], "recipe key batch_size: expected int, got 'eight'"),
     "missing teacher": (["--corpus", "{carol}", "--teacher", "{nowhere}"], "{nowhere} is neither a preset"),
@@ -387,3 +399,52 @@ def test_dry_run_prints_the_plan_and_writes_nothing(minilm_dir, books, previous_
     before = snapshot(previous_run)
     ok(distill(minilm_dir, books / CAROL, previous_run, *SMALL, "layer_map=[0,2,3,5,6]", "--dry-run"))
     assert snapshot(previous_run) == before
+
+
+# ---------------------------------------------------------------------------------------------------- MiniLMv2
+
+V2 = ("q_relation", "k_relation", "v_relation")
+V2_STEPS = 20
+
+
+def test_minilmv2_terms_into_a_student_with_other_heads_fall_on_held_out_text(minilm_dir, books, tmp_path):
+    """recipes/general-minilmv2.yaml as shipped (only the size keys overridden): a random 4-layer, 256-wide, 4-head
+    student under the 6-layer, 384-wide, 12-head MiniLM (no uniform layer map, no common head count), 16 relation
+    heads. Every relation term falls on held-out text between the first and the last evaluation, and the export
+    loads in transformers."""
+    student = save_student(tmp_path / "student-init", minilm_dir, hidden_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=1024)
+    output = tmp_path / "run"
+    result = ok(tinybert("distill", "--recipe", "general-minilmv2", "--teacher", minilm_dir, "--corpus",
+                         books / ALICE, "--student", student, "--output", output, *SMALL, f"max_steps={V2_STEPS}",
+                         "relation_heads=16", "learning_rate=1e-3", "warmup_ratio=0", "eval_every=1",
+                         "heldout_fraction=0.05", "save_every=10", "log_every=1", "precision=fp32"))
+    assert f"student written to {output / 'student'}" in result.stdout
+    train, evals = records(output, "train"), records(output, "eval")
+    assert [r["step"] for r in train] == list(range(1, V2_STEPS + 1))
+    assert [r["step"] for r in evals] == list(range(1, V2_STEPS + 1))
+    for term in V2 + ("loss",):
+        first, last = evals[0][term], evals[-1][term]
+        assert last < 0.9 * first, f"held-out {term}: {[round(r[term], 4) for r in evals]}"
+    assert not any(t in evals[-1] for t in TERMS)  # only the recipe's terms are computed and logged
+    # The same checkpoint machinery: two checkpoints with the student and no projections (nothing to project).
+    assert checkpoint_steps(output) == [10, 20]
+    state = torch.load(output / "checkpoints" / f"step-{V2_STEPS:07d}" / "rank0" / "state.pt", weights_only=False)
+    assert state["module"] and all(k.startswith("student.") for k in state["module"])
+    assert_loads_in_transformers(output / "student")
+
+
+def test_minilmv2_dry_run_pairs_the_layers_and_says_why_no_head_check(minilm_dir, books, tmp_path):
+    student = save_student(tmp_path / "student-init", minilm_dir, hidden_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=1024)
+    output = tmp_path / "never-written"
+    out = ok(tinybert("distill", "--recipe", "general-minilmv2", "--teacher", minilm_dir, "--corpus", books / CAROL,
+                      "--student", student, "--output", output, *SMALL, "relation_heads=16", "teacher_layer=5",
+                      "--dry-run")).stdout
+    assert not output.exists()
+    assert "student: 4 layers, hidden 256, FFN 1024, 4 heads" in out
+    assert "layer map: not used (no embedding, hidden or attention term)" in out
+    assert "relation terms (MiniLM; teacher_layer 5 teaches the student's last layer):" in out
+    for term in V2:
+        assert (f"  {term}: student layer 4 <- layer 5; no head-count check: 16 relation heads split each width "
+                f"(d_r 24 teacher, 16 student), whatever the attention heads (12 teacher, 4 student)") in out
