@@ -283,3 +283,20 @@ def test_relation_terms_fp32_under_bf16_autocast():
         terms = distiller(make_batch())
     assert set(terms) == set(V2)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+
+
+def test_describe_relations_says_which_layers_and_why_heads_are_checked():
+    assert make_distiller(terms=("hidden",)).describe_relations() == []
+    v1 = make_distiller([0, 2, 4], terms=("hidden", "attention_relation", "q_relation"), relation_heads=8,
+                        teacher_layer="map")
+    assert v1.describe_relations() == [
+        "relation terms (MiniLM; teacher_layer map: student layer j <- teacher layer layer_map[j]):",
+        "  attention_relation: student layer 1 <- layer 2, layer 2 <- layer 4; head counts must match, and do: "
+        "4 heads in both (v1 compares attention heads one to one)",
+        "  q_relation: student layer 1 <- layer 2, layer 2 <- layer 4; no head-count check: 8 relation heads split "
+        "each width (d_r 4 teacher, 2 student), whatever the attention heads (4 teacher, 4 student)",
+    ]
+    last = make_distiller(student_config=ODD, terms=V2, relation_heads=8)
+    assert last.describe_relations()[0] == ("relation terms (MiniLM; teacher_layer null: the teacher's last layer "
+                                            "teaches the student's last):")
+    assert last.describe_relations()[1].startswith("  q_relation: student layer 3 <- layer 4; no head-count check")

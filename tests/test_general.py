@@ -268,8 +268,8 @@ def bad_inputs(minilm_dir, books, module_tmp) -> dict:
             "carol": books / CAROL}
 
 
-# case -> (extra arguments with {names} from bad_inputs, text the error line must contain), after a valid 4-layer
-# map. Every case but "run in output" passes --overwrite, so it must fail before it touches the previous run.
+# case -> (extra arguments with {names} from bad_inputs, {{ for a brace, text the error line must contain), after a
+# valid 4-layer map. Every case but "run in output" passes --overwrite, so it must fail before it touches the previous run.
 BAD = {
     "empty corpus": (["--corpus", "{empty}"], "corpus is empty"),
     "not UTF-8": (["--corpus", "{latin1}"], "corpus file is not UTF-8 text (bad byte at offset 3): {latin1}"),
@@ -283,12 +283,12 @@ BAD = {
                            "it has 7 entries but a 4-layer student needs 5"),
     "no uniform map": (["--corpus", "{carol}", "layer_map=uniform"],
                        "no uniform layer map from a 6-layer teacher to a 4-layer student"),
-    "relation heads": (["--corpus", "{carol}", "terms={q_relation: 1, k_relation: 1}", "relation_heads=7"],
+    "relation heads": (["--corpus", "{carol}", "terms={{q_relation: 1, k_relation: 1}}", "relation_heads=7"],
                        "recipe key relation_heads: 7 does not divide both the teacher's width 384 and the student's "
                        "312; use a common divisor, e.g. 8 (any of 1, 2, 3, 4, 6, 8, 12, 24)"),
-    "teacher layer": (["--corpus", "{carol}", "terms={v_relation: 1}", "teacher_layer=7"],
+    "teacher layer": (["--corpus", "{carol}", "terms={{v_relation: 1}}", "teacher_layer=7"],
                       "recipe key teacher_layer: 7 is not a layer of the 6-layer teacher; use 1 to 6"),
-    "v1 head mismatch": (["--corpus", "{carol}", "--student", "{heads}", "terms={attention_relation: 1}"],
+    "v1 head mismatch": (["--corpus", "{carol}", "--student", "{heads}", "terms={{attention_relation: 1}}"],
                          "recipe terms attention_relation (MiniLM) compare teacher and student head by head, but the "
                          "teacher has 12 heads and the student 4; give the student 12 heads"),
     "unknown key": (["--corpus", "{carol}", "learnig_rate=1e-4"], "did you mean learning_rate?"),
