@@ -273,7 +273,8 @@ def bad_inputs(minilm_dir, books, module_tmp) -> dict:
 
 
 # case -> (extra arguments with {names} from bad_inputs, {{ for a brace, text the error line must contain), after a
-# valid 4-layer map. Every case but "run in output" passes --overwrite, so it must fail before it touches the previous run.
+# valid 4-layer map. Every case but "run in output" passes --overwrite, so it must fail before it touches the
+# previous run.
 BAD = {
     "empty corpus": (["--corpus", "{empty}"], "corpus is empty"),
     "not UTF-8": (["--corpus", "{latin1}"], "corpus file is not UTF-8 text (bad byte at offset 3): {latin1}"),
