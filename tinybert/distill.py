@@ -60,7 +60,9 @@ class Distiller(nn.Module):
 
     The student and the projections are submodules (trained, optimised, checkpointed). The teacher is not: it is kept
     outside `parameters()` and `state_dict()`, frozen, always in eval mode, and run without autograd; move it to its
-    device/dtype yourself. layer_map is 'uniform' or an explicit list (see `resolve_layer_map`).
+    device/dtype yourself. layer_map is 'uniform' or an explicit list (see `resolve_layer_map`), resolved only when a
+    term uses it. The relation terms pair layers by teacher_layer (see `relation_layer_pairs`); relation_heads splits
+    the widths for q/k/v_relation (see `relation_kl`).
     """
 
     def __init__(
@@ -127,7 +129,7 @@ class Distiller(nn.Module):
         if not terms:
             return []
         tc, sc = self.teacher.config, self.student.config
-        source = {None: f"teacher_layer null: the teacher's last layer teaches the student's last",
+        source = {None: "teacher_layer null: the teacher's last layer teaches the student's last",
                   "map": "teacher_layer map: student layer j <- teacher layer layer_map[j]"}.get(
             self.teacher_layer, f"teacher_layer {self.teacher_layer} teaches the student's last layer")
         lines = [f"relation terms (MiniLM; {source}):"]
