@@ -153,7 +153,8 @@ def format_table(results: list[dict], speedup: dict | None = None) -> str:
 def format_engines(report: dict) -> str:
     """The table of `tinybert bench --engine onnxruntime`: one row per engine and precision, then the speed-ups."""
     rows = [r for r in (report["vs"], report["model"], report["int8"]) if r]
-    header = f"{'engine':<22}{'params':>9}{'disk':>10}{'p50 ms':>9}{'p95 ms':>9}{'seq/s (b=32)':>14}"
+    batch = f"seq/s (b={report['model']['throughput_batch']})"
+    header = f"{'engine':<22}{'params':>9}{'disk':>10}{'p50 ms':>9}{'p95 ms':>9}{batch:>14}"
     lines = [header, "-" * len(header)]
     for r in rows:
         disk = f"{r['size_on_disk_bytes'] / 2**20:.0f} MB" if r["size_on_disk_bytes"] else "-"
