@@ -15,6 +15,7 @@ import torch
 from test_task import cli, snapshot  # tests/test_task.py: the CLI in this process, a folder's file hashes
 from tinybert import onnx_export
 from tinybert.bench import run_bench
+from tinybert.demo import format_summary
 from tinybert.hub import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 from tinybert.onnx_export import INT8_FILE, MODEL_FILE, RECORD_FILE, onnx_facts, run_session, session
@@ -192,6 +193,20 @@ def test_bench_onnxruntime_next_to_torch(student_export, student, tmp_path):
     table = lines[0]
     assert "torch fp32" in table and "onnxruntime int8" in table and "onnxruntime int8 vs fp32" in table
     assert json.loads((output / "bench.json").read_text())["int8"]["dtype"] == "int8"
+
+    # The demo's final table with these rows: ONNX Runtime fp32 and int8 columns beside torch's.
+    record = json.loads((output / RECORD_FILE).read_text())
+    served = {"parity_max_abs_diff": record["parity"]["max_abs_diff"], "int8_eval": record["int8"]["eval"],
+              "bench": {"fp32": report["model"], "int8": report["int8"]}, "path": str(output)}
+    summary = {"accuracy": {"teacher": 0.9, "student": record["int8"]["eval"]["fp32"]},
+               "bench": {"teacher": report["vs"], "student": report["vs"]}, "speedup": report["speedup"],
+               "onnx": served, "minutes": 1.0}
+    text = format_summary(summary, student)
+    header, accuracy, _, latency = text.splitlines()[2:6]
+    assert "student, ONNX Runtime fp32" in header and header.rstrip().endswith("student, ONNX Runtime int8")
+    assert accuracy.split()[-1] == f"{record['int8']['eval']['int8']:.4f}"
+    assert latency.split()[-1] == f"{report['int8']['latency_ms_p50']:.1f}"
+    assert f"export in {output}" in text
 
 
 def test_onnx_facts_for_the_card(student_export, tmp_path):
