@@ -123,6 +123,7 @@ def test_minilm_without_head_matches_pytorch(minilm_export, minilm_dir, glue):
     assert (torch.from_numpy(run_session(sess, one)) - hf_one).abs().max() < 1e-4
 
 
+@pytest.mark.slow  # the fine-tuned student: about 2 minutes on 2 cores, once per module
 def test_student_with_head_matches_pytorch_and_int8_agrees(student_export, student, glue):
     output, printed = student_export
     record = json.loads((output / RECORD_FILE).read_text())
@@ -160,6 +161,7 @@ def test_student_with_head_matches_pytorch_and_int8_agrees(student_export, stude
     assert abs(np.mean(np.concatenate(int8_logits).argmax(-1) == np.array(all_labels)) - evaluated["int8"]) < 0.01
 
 
+@pytest.mark.slow  # the fine-tuned student: about 2 minutes on 2 cores, once per module
 def test_optimum_loads_the_export(student_export, glue):
     ort_models = pytest.importorskip("optimum.onnxruntime", reason="optimum[onnxruntime] is not installed (it "
                                                                   "pins transformers < 5; see docs/export-and-push.md)")
@@ -174,6 +176,7 @@ def test_optimum_loads_the_export(student_export, glue):
 # -------------------------------------------------------------------------------------------- bench and card
 
 
+@pytest.mark.slow  # the fine-tuned student: about 2 minutes on 2 cores, once per module
 def test_bench_onnxruntime_next_to_torch(student_export, student, tmp_path):
     """The benchmark's code path at tiny sizes (figures on a shared machine mean nothing; docs/results.md has them
     from a quiet one)."""
@@ -209,6 +212,7 @@ def test_bench_onnxruntime_next_to_torch(student_export, student, tmp_path):
     assert f"export in {output}" in text
 
 
+@pytest.mark.slow  # the fine-tuned student: about 2 minutes on 2 cores, once per module
 def test_onnx_facts_for_the_card(student_export, tmp_path):
     output, _ = student_export
     record = json.loads((output / RECORD_FILE).read_text())
