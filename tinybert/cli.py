@@ -338,10 +338,14 @@ def report(
 
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="Model directory or preset."),
-    vs: Optional[str] = typer.Option(None, "--vs", help="Another model to compare with (e.g. the teacher)."),
+    model: str = typer.Argument(..., help="Model directory or preset; with --engine onnxruntime, an ONNX export "
+                                          "folder (tinybert export)."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="Another model to compare with (e.g. the teacher; with "
+                                                        "--engine onnxruntime, default: the export's source)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 (autocast), or auto (bf16 where it measures faster)."),
+    engine: str = typer.Option("torch", help="torch, or onnxruntime: the export's fp32 and int8 graphs next to "
+                                             "torch fp32, on the same threads."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: MODEL/bench.json)."),
 ):
     """Parameters, size on disk, latency p50/p95 at batch 1 and throughput at batch 32 (sequence 128)."""
@@ -349,7 +353,38 @@ def bench(
 
     if device not in ("cpu", "cuda") or dtype not in ("fp32", "bf16", "auto"):
         raise click_errors.UsageError("--device is cpu or cuda and --dtype fp32, bf16 or auto")
-    run_bench(model, vs, device, dtype, json_path, echo=typer.echo)
+    if engine not in ("torch", "onnxruntime"):
+        raise click_errors.UsageError(f"--engine {engine}: use torch or onnxruntime")
+    if engine == "onnxruntime" and (device, dtype) != ("cpu", "fp32"):
+        raise click_errors.UsageError("--engine onnxruntime runs on the CPU and measures the export's fp32 and int8 "
+                                      "graphs itself; leave --device and --dtype at cpu and fp32")
+    run_bench(model, vs, device, dtype, json_path, echo=typer.echo, engine=engine)
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="An exported student (a Hugging Face directory, e.g. RUN/best)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for model.onnx, config.json, the tokenizer and "
+                                                            "onnx_export.json."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the one format)."),
+    quantize: Optional[str] = typer.Option(None, help="int8: also write model_quantized.onnx (dynamic "
+                                                      "quantisation), scored against fp32 on the task's dev set."),
+    opset: int = typer.Option(18, help="ONNX opset (18 up to what the installed onnx knows)."),
+    seq_len_hint: int = typer.Option(128, help="Length of the example batch the graph is traced with; batch and "
+                                               "sequence stay dynamic."),
+    task: Optional[str] = typer.Option(None, help="GLUE task for the int8 score and extra parity rows (default: "
+                                                  "the run's recipe.yaml or the model card names it)."),
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    overwrite: bool = typer.Option(False, help="Replace an export already in --output."),
+):
+    """Export a student to ONNX for ONNX Runtime (dynamic batch and sequence), checked against PyTorch within 1e-4;
+    --quantize int8 adds an int8 graph and its score against fp32. Needs pip install 'tinybert[onnx]'."""
+    if fmt != "onnx":
+        raise click_errors.UsageError(f"--format {fmt}: onnx is the one format")
+    from tinybert.onnx_export import export_onnx
+
+    export_onnx(model_dir, output, quantize=quantize, opset=opset, seq_len_hint=seq_len_hint, task=task,
+                data_dir=str(data_dir) if data_dir else None, overwrite=overwrite, echo=typer.echo)
 
 
 @app.command()

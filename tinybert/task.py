@@ -231,18 +231,25 @@ class Finetuner(nn.Module):
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 
-@torch.no_grad()
-def predict(model: Bert, dataset, pad_token_id: int, batch_size: int, device: torch.device) -> Tensor:
-    """Logits (N, C) in row order, in fp32 without dropout; rows are batched by length so little is padded."""
-    model.eval()
+def length_batches(dataset, pad_token_id: int, batch_size: int):
+    """(row indices, batch of input_ids, attention_mask, token_type_ids) over a tokenized dataset, rows taken in
+    order of length so little is padded; shared by PyTorch and ONNX Runtime prediction."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    out = torch.empty(len(lengths), model.config.num_labels)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         rows = dataset[indices]
         batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        yield indices, {k: v for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def predict(model: Bert, dataset, pad_token_id: int, batch_size: int, device: torch.device) -> Tensor:
+    """Logits (N, C) in row order, in fp32 without dropout; rows are batched by length so little is padded."""
+    model.eval()
+    out = torch.empty(len(dataset), model.config.num_labels)
+    for indices, batch in length_batches(dataset, pad_token_id, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
         out[indices] = logits.float().cpu()
     return out
