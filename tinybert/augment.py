@@ -43,8 +43,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinybert.data import DataError, Task, _glue_folder, _read_csv, _read_records, file_sha256, get_task, load_split_file
-from tinybert.data import load_task, read_records
+from tinybert.data import DataError, Task, _glue_columns, _glue_folder, _read_records, file_sha256, get_task, load_task
+from tinybert.data import read_records
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -436,12 +436,12 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
         path = _glue_folder(spec, Path(data_dir)) / "train.tsv"
         if not path.is_file():
             raise DataError(f"missing split file {path} (split 'train' of task {spec.name})")
-        if not len(load_split_file(path, spec)):  # checks every row, names the line of a bad one
+        table, _, labels = _glue_columns(path, spec, labelled=True)  # checks every row, names the line of a bad one
+        if not labels:
             raise DataError(f"{path}: no rows")
         _kind(output, ("tsv",), f"{spec.name}'s augmented train set is written in GLUE's TSV layout, as its train.tsv")
-        headerless = isinstance(spec.tsv_columns[0], int)
-        table, _ = _read_csv(path, "\t", csv.QUOTE_NONE, [str(i) for i in range(spec.tsv_width)] if headerless else None)
         rows = [list(row) for row in zip(*(table[c] for c in table.column_names))]
+        headerless = isinstance(spec.tsv_columns[0], int)
         columns = list(range(spec.tsv_width)) if headerless else table.column_names
         fields = list(spec.tsv_columns[:-1]) if headerless else [columns.index(c) for c in spec.tsv_columns[:-1]]
         return Table(str(path), file_sha256(path), columns, rows, fields, "glue", header=not headerless)

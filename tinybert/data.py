@@ -109,6 +109,7 @@ TASKS = {
     ),
 }
 
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, read in 16 MB blocks (a model's weights, a train file)."""
     h = hashlib.sha256()
@@ -201,22 +202,33 @@ def _read_csv(path: Path, delimiter: str, quoting: int, names: list[str] | None 
                                 f"got {len(row)}")
             if row:  # a quoted field may span lines: a record is named by its last line
                 lines.append(reader.line_num)
+    features = datasets.Features({c: datasets.Value("string") for c in header})
+    if not lines:  # the loader refuses a split with no rows
+        return datasets.Dataset.from_dict({c: [] for c in header}, features=features), lines
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # the file's table is an intermediate step: no progress bar of its own
     try:
         table = datasets.load_dataset(
             "csv", data_files={"rows": str(path)}, split="rows", delimiter=delimiter, quoting=quoting,
-            header=None if names else "infer", column_names=names, keep_default_na=False,
-            features=datasets.Features({c: datasets.Value("string") for c in header}),
+            header=None if names else "infer", column_names=names, keep_default_na=False, features=features,
         )
     except datasets.exceptions.DatasetGenerationError as e:
         raise DataError(f"{path}: {' '.join(str(e.__cause__ or e).split())}") from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
     if len(table) != len(lines):
         raise DataError(f"{path}: datasets' csv loader read {len(table)} rows where the file has {len(lines)} records")
     return table, lines
 
 
 def _glue_split(path: Path, task: Task, split: str, labelled: bool) -> datasets.Dataset:
-    """One GLUE TSV file, checked row by row; errors name the file and the line. GLUE text holds bare quotes
-    (MRPC, RTE, STS-B): no quoting."""
+    return _to_dataset(task, split, *_glue_columns(path, task, labelled)[1:])
+
+
+def _glue_columns(path: Path, task: Task, labelled: bool) -> tuple[datasets.Dataset, list[list[str]], list]:
+    """One GLUE TSV file, checked row by row (errors name the file and the line): the file's table, its text
+    columns and its labels (-1 in test files). GLUE text holds bare quotes (MRPC, RTE, STS-B): no quoting."""
     spec = task.tsv_columns if labelled else task.tsv_test_columns
     names = [str(i) for i in range(task.tsv_width)] if isinstance(spec[0], int) else None  # headerless (CoLA)
     table, lines = _read_csv(path, "\t", csv.QUOTE_NONE, names, required=() if names else spec)
@@ -227,16 +239,17 @@ def _glue_split(path: Path, task: Task, split: str, labelled: bool) -> datasets.
             if not text.strip():
                 raise DataError(f"{path} line {lines[i]}: empty text in {_column_name(column)}")
     if not labelled:
-        return _to_dataset(task, split, texts, [-1.0 if task.is_regression else -1] * len(table))
+        return table, texts, [-1.0 if task.is_regression else -1] * len(table)
     ids = {n: i for i, n in enumerate(task.label_names)} if task.string_labels else _class_ids(task)
-    return _to_dataset(task, split, texts, _labels(table[str(spec[-1])], lambda i: f"{path} line {lines[i]}", task, ids))
+    return table, texts, _labels(table[str(spec[-1])], lambda i: f"{path} line {lines[i]}", task, ids)
 
 
 def _class_ids(task: Task) -> dict[str, int]:
     return {str(i): i for i in range(task.num_labels)}
 
 
-def _labels(raw: list, where, task: Task, ids: dict[str, int], known: str | None = None) -> list:
+def _labels(raw: list, where: Callable[[int], str], task: Task, ids: dict[str, int],
+            known: str | None = None) -> list:
     """Raw labels -> class ids (ids: label as written -> id) or finite scores (regression); where(i) names row i."""
     if task.is_regression:
         return [_parse_float(v, where(i)) for i, v in enumerate(raw)]
@@ -410,7 +423,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[str], list[dict], Callab
 def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, Callable[[int], str]]:
     """Text columns (all required) and the label column (optional) of one custom file, every record checked.
     Returns the text columns, the labels (None without a label column) and where(i) for messages."""
-    columns, records, where = read_records(path)
+    _, records, where = read_records(path)
     if not records:
         raise DataError(f"{path}: no rows")
     *text_names, label_name = wanted
@@ -422,8 +435,8 @@ def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list 
             text = record[name]
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where(i)}: empty or non-text value in column {name!r}: {text!r}")
-        if label_name in records[0] and (record.get(label_name) in (None, "") or
-                                         isinstance(record.get(label_name), (list, dict))):
+        label = record.get(label_name)
+        if label_name in records[0] and (label is None or label == "" or isinstance(label, (list, dict))):
             raise DataError(f"{where(i)}: missing or empty label in column {label_name!r}")
     texts = [[r[c] for r in records] for c in text_names]
     return texts, ([r[label_name] for r in records] if label_name in records[0] else None), where

@@ -416,7 +416,8 @@ def model_card(
     base_model: str | None = None,
 ) -> str:
     """README.md text for an exported student: Hub metadata (license, base_model = the teacher, tags, datasets,
-    metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage.
+    metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage, laid out by
+    CARD_TEMPLATE; this function gathers the facts.
 
     run_dirs: the runs that made the model, in order (default: the run whose `student/` this is); their
     recipe.yaml, log.jsonl and metrics.json are read. results: evaluation results (see `normalise_results`),
