@@ -201,6 +201,23 @@ def test_malformed_rows_name_file_and_line(tmp_path, folder, text, line, message
         load_task(name, tmp_path, splits=["train"])
 
 
+def test_values_are_read_as_written_and_every_row_has_the_header_width(tmp_path):
+    """datasets' csv loader (pandas underneath) would take NA/null for missing values, fill a short row with empty
+    strings and take the first column of a long first row for an index: none of it reaches a task."""
+    write(tmp_path / "SST-2" / "train.tsv", 'sentence\tlabel\nNA\t1\nnull \t0\n"quoted\t1\n\n007\t0\n')
+    train = load_task("sst2", tmp_path, splits=["train"])["train"]
+    assert train["text_a"] == ["NA", "null ", '"quoted', "007"] and train["label"] == [1, 0, 1, 0]
+    long_first = write(tmp_path / "SST-2" / "dev.tsv", "sentence\tlabel\ntoo\tmany\tcolumns\n")
+    with pytest.raises(DataError, match=f"{long_first} line 2: expected 2 tab-separated columns, got 3"):
+        load_task("sst2", tmp_path, splits=["validation"])
+    short = write(tmp_path / "short.csv", 'q,y\n"a, b",x\n"two\nlines",y\nc\n')
+    with pytest.raises(DataError, match=f"{short} line 5: expected 2 comma-separated columns, got 1"):
+        load_custom({"train": short}, ["q"], "y")
+    na = write(tmp_path / "na.csv", 'q,y\nNA,None\n"two\nlines",nan\n')
+    d, task = load_custom({"train": na}, ["q"], "y")
+    assert task.label_names == ("None", "nan") and d["train"]["text_a"] == ["NA", "two\nlines"]
+
+
 MNLI_TEXT = "index\tpromptID\tpairID\tgenre\ts1_bp\ts2_bp\ts1_p\ts2_p\tsentence1\tsentence2"
 
 

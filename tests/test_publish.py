@@ -1,5 +1,5 @@
 """Model cards and `tinybert push`, against a small fake Hub on 127.0.0.1 that speaks the part of the Hub's HTTP API
-`HfApi.create_repo`, `create_branch` and `upload_folder` use: we check what arrived there, and that the token
+`HfApi.create_repo`, `create_branch` and `create_commit` use: we check what arrived there, and that the token
 appears nowhere but in the Authorization header."""
 
 import base64
@@ -395,17 +395,23 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["not-a-model", "bad-repo-id", "no-token", "unreachable"])
+@pytest.mark.parametrize("case", ["not-a-model", "bad-repo-id", "no-token", "unreachable", "symlink"])
 def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, online_env, tmp_path):
     model, repo_id, endpoint, env = run / "best", "me/tinybert-sst2", hub.endpoint, online_env
     expected = {"not-a-model": "is not an exported model", "bad-repo-id": "repo id 'me/bad name!' is not valid",
-                "no-token": "no Hugging Face token", "unreachable": "cannot reach http://127.0.0.1:"}[case]
+                "no-token": "no Hugging Face token", "unreachable": "cannot reach http://127.0.0.1:",
+                "symlink": "secret.txt is a symbolic link; push uploads regular files only"}[case]
     if case == "not-a-model":
         model = tmp_path / "notes"
         model.mkdir()
         (model / "notes.txt").write_text("not a model")
     elif case == "bad-repo-id":
         repo_id = "me/bad name!"
+    elif case == "symlink":  # a link in the model folder could carry a file from outside it to the hub
+        model = tmp_path / "best"
+        shutil.copytree(run / "best", model)
+        (tmp_path / "private.txt").write_text("not for the hub")
+        (model / "secret.txt").symlink_to(tmp_path / "private.txt")
     elif case == "no-token":
         env = {k: v for k, v in env.items() if k != "HF_TOKEN"}
     else:

@@ -43,8 +43,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinybert.data import DataError, Task, _csv_records, _glue_folder, _json_records, _read_glue_tsv, _read_records
-from tinybert.data import file_sha256, get_task, load_task
+from tinybert.data import DataError, Task, _glue_columns, _glue_folder, _read_records, file_sha256, get_task, load_task
+from tinybert.data import read_records
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -436,25 +436,23 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
         path = _glue_folder(spec, Path(data_dir)) / "train.tsv"
         if not path.is_file():
             raise DataError(f"missing split file {path} (split 'train' of task {spec.name})")
-        if not _read_glue_tsv(path, spec, labelled=True)["label"]:  # checks every row, names the line of a bad one
+        table, _, labels = _glue_columns(path, spec, labelled=True)  # checks every row, names the line of a bad one
+        if not labels:
             raise DataError(f"{path}: no rows")
         _kind(output, ("tsv",), f"{spec.name}'s augmented train set is written in GLUE's TSV layout, as its train.tsv")
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = [row for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if row]
+        rows = [list(row) for row in zip(*(table[c] for c in table.column_names))]
         headerless = isinstance(spec.tsv_columns[0], int)
-        columns = list(range(spec.tsv_width)) if headerless else rows.pop(0)
+        columns = list(range(spec.tsv_width)) if headerless else table.column_names
         fields = list(spec.tsv_columns[:-1]) if headerless else [columns.index(c) for c in spec.tsv_columns[:-1]]
         return Table(str(path), file_sha256(path), columns, rows, fields, "glue", header=not headerless)
     if len(text_columns) not in (1, 2):
         raise AugmentError(f"--text-columns names one or two columns, got {list(text_columns)}")
     path = Path(train)
     _read_records(path, [*text_columns, label_column])  # checks every record (missing file, empty text, no rows)
-    records = list(_json_records(path) if path.suffix.lower() in (".json", ".jsonl") else
-                   _csv_records(path, "\t" if path.suffix.lower() == ".tsv" else ","))
-    if label_column not in records[0][1]:
+    columns, records, _ = read_records(path)
+    if label_column not in records[0]:
         raise DataError(f"{path}: no label column {label_column!r} (set --label-column); the augmented rows copy it")
-    columns = list(dict.fromkeys(k for _, r in records for k in r))
-    rows = [[r.get(c) for c in columns] for _, r in records]
+    rows = [[r.get(c) for c in columns] for r in records]
     kind = _kind(output, ("csv", "tsv", "jsonl"), "augmented custom rows are written as CSV, TSV or JSON Lines")
     return Table(str(path), file_sha256(path), columns, rows, [columns.index(c) for c in text_columns], kind)
 

@@ -10,8 +10,7 @@ import hashlib
 import json
 import math
 import os
-import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +109,6 @@ TASKS = {
     ),
 }
 
-# Bump when parsing changes what a file turns into, so cached Arrow tables built by older code are not reused.
-_FORMAT = "tinybert-data-1"
-
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, read in 16 MB blocks (a model's weights, a train file)."""
@@ -161,9 +157,7 @@ def load_task(
         path = folder / _split_file(split)
         if not path.is_file():
             raise DataError(f"missing split file {path} (split {split!r} of task {task.name})")
-        labelled = not split.startswith("test")
-        columns = _read_glue_tsv(path, task, labelled)
-        out[split] = _to_dataset(columns, task, split)
+        out[split] = _glue_split(path, task, split, labelled=not split.startswith("test"))
     return datasets.DatasetDict(out)
 
 
@@ -185,49 +179,84 @@ def _glue_folder(task: Task, root: Path) -> Path:
     )
 
 
-def _read_glue_tsv(path: Path, task: Task, labelled: bool) -> dict[str, list]:
-    """Parse one GLUE TSV file into columns, checking every row; errors name the file and the line."""
-    spec = task.tsv_columns if labelled else task.tsv_test_columns
-    text_spec = spec[:-1] if labelled else spec  # the label is the last column of train/dev
-    if task.string_labels:
-        label_ids = {n: i for i, n in enumerate(task.label_names)}
-    elif not task.is_regression:
-        label_ids = {str(i): i for i in range(task.num_labels)}
-    texts: list[list[str]] = [[] for _ in text_spec]
-    labels: list = []
-    # GLUE text holds bare quotes (MRPC, RTE, STS-B): no quoting. MRPC starts with a BOM: utf-8-sig.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if isinstance(spec[0], int):  # headerless (CoLA train/dev)
-            width, where = task.tsv_width, list(spec)
-        else:
-            header = next(reader, None)
-            missing = [c for c in spec if header is None or c not in header]
-            if missing:
-                raise DataError(f"{path} line 1: header lacks column(s) {missing}; the header is {header}")
-            width, where = len(header), [header.index(c) for c in spec]
+def _read_csv(path: Path, delimiter: str, quoting: int, names: list[str] | None = None,
+              required: Sequence[str] = ()) -> tuple[datasets.Dataset, list[int]]:
+    """A CSV/TSV file through datasets' csv loader (cached by datasets), every value the string the file holds, and
+    the line of each record, for messages. Under the loader, pandas fills a short row with empty strings, takes the
+    first column of a long first row for an index and skips blank lines, so a pass with the csv module first checks
+    that each record has the header's width (errors name the file and the line). names: the columns of a headerless
+    file (CoLA); required: columns its header must have (GLUE)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC starts with a BOM
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        header = names or next(reader, None)
+        missing = [c for c in required if header is None or c not in header]
+        if missing:
+            raise DataError(f"{path} line 1: header lacks column(s) {missing}; the header is {header}")
+        if not header:
+            raise DataError(f"{path} line 1: expected a header line")
+        lines = []
         for row in reader:
-            if not row:
-                continue  # blank line
-            line = reader.line_num
-            if len(row) != width:
-                raise DataError(f"{path} line {line}: expected {width} tab-separated columns, got {len(row)}")
-            for j, column in enumerate(text_spec):
-                text = row[where[j]]
-                if not text.strip():
-                    raise DataError(f"{path} line {line}: empty text in {_column_name(column)}")
-                texts[j].append(text)  # verbatim, as nyu-mll/glue has it (SST-2 keeps its trailing space)
-            if not labelled:
-                labels.append(-1.0 if task.is_regression else -1)
-                continue
-            raw = row[where[-1]]
-            if task.is_regression:
-                labels.append(_parse_float(raw, f"{path} line {line}"))
-            elif raw in label_ids:
-                labels.append(label_ids[raw])
-            else:
-                raise DataError(f"{path} line {line}: label {raw!r} is not one of {', '.join(label_ids)}")
-    return _columns(texts, labels)
+            if row and len(row) != len(header):
+                sep = "tab" if delimiter == "\t" else "comma"
+                raise DataError(f"{path} line {reader.line_num}: expected {len(header)} {sep}-separated columns, "
+                                f"got {len(row)}")
+            if row:  # a quoted field may span lines: a record is named by its last line
+                lines.append(reader.line_num)
+    features = datasets.Features({c: datasets.Value("string") for c in header})
+    if not lines:  # the loader refuses a split with no rows
+        return datasets.Dataset.from_dict({c: [] for c in header}, features=features), lines
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # the file's table is an intermediate step: no progress bar of its own
+    try:
+        table = datasets.load_dataset(
+            "csv", data_files={"rows": str(path)}, split="rows", delimiter=delimiter, quoting=quoting,
+            header=None if names else "infer", column_names=names, keep_default_na=False, features=features,
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise DataError(f"{path}: {' '.join(str(e.__cause__ or e).split())}") from None
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    if len(table) != len(lines):
+        raise DataError(f"{path}: datasets' csv loader read {len(table)} rows where the file has {len(lines)} records")
+    return table, lines
+
+
+def _glue_split(path: Path, task: Task, split: str, labelled: bool) -> datasets.Dataset:
+    return _to_dataset(task, split, *_glue_columns(path, task, labelled)[1:])
+
+
+def _glue_columns(path: Path, task: Task, labelled: bool) -> tuple[datasets.Dataset, list[list[str]], list]:
+    """One GLUE TSV file, checked row by row (errors name the file and the line): the file's table, its text
+    columns and its labels (-1 in test files). GLUE text holds bare quotes (MRPC, RTE, STS-B): no quoting."""
+    spec = task.tsv_columns if labelled else task.tsv_test_columns
+    names = [str(i) for i in range(task.tsv_width)] if isinstance(spec[0], int) else None  # headerless (CoLA)
+    table, lines = _read_csv(path, "\t", csv.QUOTE_NONE, names, required=() if names else spec)
+    text_spec = spec[:-1] if labelled else spec  # the label is the last column of train/dev
+    texts = [table[str(c)] for c in text_spec]  # verbatim, as nyu-mll/glue has it (SST-2 keeps its trailing space)
+    for column, values in zip(text_spec, texts):
+        for i, text in enumerate(values):
+            if not text.strip():
+                raise DataError(f"{path} line {lines[i]}: empty text in {_column_name(column)}")
+    if not labelled:
+        return table, texts, [-1.0 if task.is_regression else -1] * len(table)
+    ids = {n: i for i, n in enumerate(task.label_names)} if task.string_labels else _class_ids(task)
+    return table, texts, _labels(table[str(spec[-1])], lambda i: f"{path} line {lines[i]}", task, ids)
+
+
+def _class_ids(task: Task) -> dict[str, int]:
+    return {str(i): i for i in range(task.num_labels)}
+
+
+def _labels(raw: list, where: Callable[[int], str], task: Task, ids: dict[str, int],
+            known: str | None = None) -> list:
+    """Raw labels -> class ids (ids: label as written -> id) or finite scores (regression); where(i) names row i."""
+    if task.is_regression:
+        return [_parse_float(v, where(i)) for i, v in enumerate(raw)]
+    for i, v in enumerate(raw):
+        if str(v) not in ids:
+            raise DataError(f"{where(i)}: label {v!r} is not one of {known or ', '.join(ids)}")
+    return [ids[str(v)] for v in raw]
 
 
 def _column_name(column: str | int) -> str:
@@ -242,15 +271,6 @@ def _parse_float(raw, where: str) -> float:
     if not math.isfinite(value) or isinstance(raw, bool):
         raise DataError(f"{where}: label {raw!r} is not a finite number")
     return value
-
-
-def _columns(texts: list[list[str]], labels: list) -> dict[str, list]:
-    columns = {"text_a": texts[0]}
-    if len(texts) == 2:
-        columns["text_b"] = texts[1]
-    columns["label"] = labels
-    columns["idx"] = list(range(len(labels)))
-    return columns
 
 
 def _features(task: Task) -> datasets.Features:
@@ -272,22 +292,16 @@ def _yield_rows(columns: dict[str, list]) -> Iterator[dict]:
         yield dict(zip(names, values))
 
 
-def _to_dataset(columns: dict[str, list], task: Task, split: str) -> datasets.Dataset:
-    """Parsed columns -> an Arrow-backed Dataset in the datasets cache, keyed by its content.
-
-    Why not `Dataset.from_dict`: that table lives in memory, and `map` never caches results of in-memory datasets,
-    so `tokenize` would re-run on every start. `from_generator` writes the table once under the datasets cache
-    (HF_DATASETS_CACHE) and memory-maps it; its fingerprint is the sha256 of the parsed content (plus features and
-    _FORMAT), so the same data always gets the same fingerprint and `tokenize`'s map finds its cached result, while
-    any change to a file, or to how it is parsed, gets a fresh one. Parsing (and so every check) runs on every load;
-    it is cheap next to tokenisation (SST-2 train: ~0.1 s).
-    """
-    features = _features(task)
-    digest = hashlib.sha256(pickle.dumps((_FORMAT, str(features), split, columns), protocol=4)).hexdigest()[:32]
+def _to_dataset(task: Task, split: str, texts: list[list[str]], labels: list) -> datasets.Dataset:
+    """Checked columns -> text_a[, text_b], label, idx as an Arrow table in the datasets cache (HF_DATASETS_CACHE),
+    memory-mapped. Not `Dataset.from_dict`: `map` never caches results of in-memory datasets, so `tokenize` would
+    re-run on every start. datasets keys the table by a hash of the columns (and this module's generator), so the
+    same data finds its table, and `tokenize`'s map its result, while any change to a file gets a fresh one."""
+    columns = {"text_a": texts[0], **({"text_b": texts[1]} if len(texts) == 2 else {}), "label": labels,
+               "idx": list(range(len(labels)))}
     # A dict value (not a list) in gen_kwargs: datasets would shard a list into one generator call per item.
-    return datasets.Dataset.from_generator(
-        _yield_rows, features=features, gen_kwargs={"columns": columns}, split=split, fingerprint=digest
-    )
+    return datasets.Dataset.from_generator(_yield_rows, features=_features(task), gen_kwargs={"columns": columns},
+                                           split=split)
 
 
 def _load_glue_hub(task: Task, splits: Sequence[str] | None) -> datasets.DatasetDict:
@@ -354,19 +368,12 @@ def load_custom(
         max_seq_length=128 if pair else 64,
     )
     label_ids = {n: i for i, n in enumerate(label_names or ())}
+    known = f"the train labels {', '.join(label_names or ())}"
     out = {}
     for split, (texts, labels, where) in raw.items():
-        if labels is None:
-            ids = [-1.0 if regression else -1] * len(texts[0])
-        elif regression:
-            ids = [_parse_float(v, w) for v, w in zip(labels, where)]
-        else:
-            ids = []
-            for v, w in zip(labels, where):
-                if str(v) not in label_ids:
-                    raise DataError(f"{w}: label {v!r} is not one of the train labels {', '.join(label_names)}")
-                ids.append(label_ids[str(v)])
-        out[split] = _to_dataset(_columns(texts, ids), task, split)
+        ids = [-1.0 if regression else -1] * len(texts[0]) if labels is None else (
+            _labels(labels, where, task, label_ids, known))
+        out[split] = _to_dataset(task, split, texts, ids)
     return datasets.DatasetDict(out), task
 
 
@@ -384,86 +391,55 @@ def load_split_file(
     if task.glue_dir and path.suffix.lower() == ".tsv":
         if not path.is_file():
             raise DataError(f"missing file {path}")
-        return _to_dataset(_read_glue_tsv(path, task, labelled=True), task, split)
+        return _glue_split(path, task, split, labelled=True)
     texts, labels, where = _read_records(path, [*task.text_columns, label_column])
     if labels is None:
         raise DataError(f"{path}: no label column {label_column!r}; its rows need the task's labels")
-    if task.is_regression:
-        ids = [_parse_float(v, w) for v, w in zip(labels, where)]
-    else:
-        label_ids = {n: i for i, n in enumerate(task.label_names)}
-        if task.glue_dir:  # GLUE files hold ids (sst2, cola, ...) or names (rte, mnli, qnli): accept both
-            label_ids.update({str(i): i for i in range(task.num_labels)})
-        ids = []
-        for v, w in zip(labels, where):
-            if str(v) not in label_ids:
-                raise DataError(f"{w}: label {v!r} is not one of {', '.join(label_ids)}")
-            ids.append(label_ids[str(v)])
-    return _to_dataset(_columns(texts, ids), task, split)
+    ids = {} if task.is_regression else {n: i for i, n in enumerate(task.label_names)}
+    if task.glue_dir:  # GLUE files hold ids (sst2, cola, ...) or names (rte, mnli, qnli): accept both
+        ids.update(_class_ids(task))
+    return _to_dataset(task, split, texts, _labels(labels, where, task, ids))
 
 
-def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, list[str]]:
-    """Read text columns (all required) and the label column (optional) of one custom file; checks every record.
-
-    Returns the text columns, the labels (None without a label column) and, per record, 'FILE line N' for errors.
-    """
+def read_records(path: str | os.PathLike) -> tuple[list[str], list[dict], Callable[[int], str]]:
+    """The records of a custom CSV/TSV/JSON/JSONL file as they are: the column names (in order of appearance), one
+    dict per record, and where(i), 'FILE line N' (or 'FILE record N' in a JSON array) for messages. CSV/TSV go
+    through datasets' csv loader, every value a string; JSON keeps its values' types."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"missing file {path}")
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        records = _csv_records(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix in (".json", ".jsonl"):
-        records = _json_records(path)
-    else:
+    if suffix in (".csv", ".tsv"):  # ordinary quoted CSV/TSV (unlike GLUE's)
+        table, lines = _read_csv(path, "\t" if suffix == ".tsv" else ",", csv.QUOTE_MINIMAL)
+        return table.column_names, table.to_list(), lambda i: f"{path} line {lines[i]}"
+    if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .json or .jsonl")
+    # datasets' json loader fails on JSON Lines with blank lines and widens mixed int/float columns: ours.
+    located = list(_json_records(path))
+    records = [r for _, r in located]
+    return list(dict.fromkeys(k for r in records for k in r)), records, lambda i: located[i][0]
+
+
+def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, Callable[[int], str]]:
+    """Text columns (all required) and the label column (optional) of one custom file, every record checked.
+    Returns the text columns, the labels (None without a label column) and where(i) for messages."""
+    _, records, where = read_records(path)
+    if not records:
+        raise DataError(f"{path}: no rows")
     *text_names, label_name = wanted
-    texts: list[list[str]] = [[] for _ in text_names]
-    labels: list = []
-    where: list[str] = []
-    has_label = None
-    for loc, record in records:
+    for i, record in enumerate(records):
         missing = [c for c in text_names if c not in record]
         if missing:
-            raise DataError(f"{loc}: no column(s) {missing}; found {list(record)}")
-        if has_label is None:
-            has_label = label_name in record
-        for j, name in enumerate(text_names):
+            raise DataError(f"{where(i)}: no column(s) {missing}; found {list(record)}")
+        for name in text_names:
             text = record[name]
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{loc}: empty or non-text value in column {name!r}: {text!r}")
-            texts[j].append(text)
-        if has_label:
-            value = record.get(label_name)
-            if value is None or value == "" or isinstance(value, (list, dict)):
-                raise DataError(f"{loc}: missing or empty label in column {label_name!r}")
-            labels.append(value)
-        where.append(loc)
-    if not where:
-        raise DataError(f"{path}: no rows")
-    return texts, (labels if has_label else None), where
-
-
-def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    # Custom files are ordinary quoted CSV/TSV (unlike GLUE's), so standard quoting. line_num counts physical lines
-    # (a quoted field may span several; the record is named by its last line).
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{path} line 1: expected a header line")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path} line {reader.line_num}: expected {len(header)} {_sep_name(delimiter)}-separated "
-                    f"columns, got {len(row)}"
-                )
-            yield f"{path} line {reader.line_num}", dict(zip(header, row))
-
-
-def _sep_name(delimiter: str) -> str:
-    return "tab" if delimiter == "\t" else "comma"
+                raise DataError(f"{where(i)}: empty or non-text value in column {name!r}: {text!r}")
+        label = record.get(label_name)
+        if label_name in records[0] and (label is None or label == "" or isinstance(label, (list, dict))):
+            raise DataError(f"{where(i)}: missing or empty label in column {label_name!r}")
+    texts = [[r[c] for r in records] for c in text_names]
+    return texts, ([r[label_name] for r in records] if label_name in records[0] else None), where
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict]]:

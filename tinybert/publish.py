@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +36,10 @@ GLUE_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "st
 METRIC_TYPES = {"pearson": "pearsonr"}  # our result keys -> the Hub's metric ids, where they differ
 METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "Matthews correlation",
                 "pearson": "Pearson", "pearsonr": "Pearson", "spearmanr": "Spearman"}
-CITATION = """@inproceedings{jiao2020tinybert,
-  title = {{TinyBERT}: Distilling {BERT} for Natural Language Understanding},
-  author = {Jiao, Xiaoqi and Yin, Yichun and Shang, Lifeng and Jiang, Xin and Chen, Xiao and Li, Linlin and
-            Wang, Fang and Liu, Qun},
-  booktitle = {Findings of the Association for Computational Linguistics: EMNLP 2020},
-  year = {2020}
-}"""
+
+
+
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"  # Jinja, filled by model_card
 
 
 class PushError(ValueError):
@@ -350,24 +345,24 @@ def _uniform_map(teacher: str | None, student_layers: int) -> list[int] | None:
 def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
     recipe = run.recipe_for(stage)
     terms = _stage_terms(run, stage)
-    lines = [f"### {STAGE_TITLES.get(stage, stage)}", ""]
+    lines = []
     if recipe.get("teacher"):
-        lines.append(f"- teacher: {_md_link(recipe['teacher'])}")
+        lines.append(f"teacher: {_md_link(recipe['teacher'])}")
     if recipe.get("student"):
-        lines.append(f"- initial student: {_md_link(recipe['student'])}")
+        lines.append(f"initial student: {_md_link(recipe['student'])}")
     if recipe.get("model"):
-        lines.append(f"- initial model: {_md_link(recipe['model'])}")
+        lines.append(f"initial model: {_md_link(recipe['model'])}")
     if stage == "finetune":  # the loop logs fine-tuning's loss on the gold labels as its `prediction` term
         terms = {}
-        lines.append("- loss: cross-entropy on the gold labels (MSE for regression)")
+        lines.append("loss: cross-entropy on the gold labels (MSE for regression)")
     for key in DATA_KEYS:
         value = recipe.get(key)
         if value:
             shown = ", ".join(f"`{v}`" for v in value) if isinstance(value, list) else f"`{value}`"
-            lines.append(f"- {'data' if key == 'corpus' else key.replace('_', ' ')}: {shown}")
+            lines.append(f"{'data' if key == 'corpus' else key.replace('_', ' ')}: {shown}")
     for key, value in recipe.items():
         if "augment" in key and value not in (None, False, ""):
-            lines.append(f"- {key.replace('_', ' ')}: `{value}`")
+            lines.append(f"{key.replace('_', ' ')}: `{value}`")
     if any(t in terms for t in ("embedding", "hidden", "attention")):
         layer_map = recipe.get("layer_map")
         if layer_map == "uniform":
@@ -375,16 +370,16 @@ def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
         if layer_map is not None:
             shown = (f"`{layer_map}`" if isinstance(layer_map, list)
                      else f"{layer_map} ({student_layers} student layers)")
-            lines.append(f"- layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
+            lines.append(f"layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
     if terms:
-        lines.append("- loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
+        lines.append("loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
     if "attention" in terms and recipe.get("attention_mode"):
-        lines.append(f"- attention loss: MSE of pre-softmax scores, mode `{recipe['attention_mode']}`")
+        lines.append(f"attention loss: MSE of pre-softmax scores, mode `{recipe['attention_mode']}`")
     if ("hidden" in terms or "embedding" in terms) and "shared_projection" in recipe:
-        lines.append(f"- hidden-state projections: {'one shared' if recipe['shared_projection'] else 'one per layer'}"
+        lines.append(f"hidden-state projections: {'one shared' if recipe['shared_projection'] else 'one per layer'}"
                      f" (trained with the student, not exported)")
     if "prediction" in terms:
-        lines.append(f"- prediction loss: `{recipe.get('prediction', 'soft')}`, temperature "
+        lines.append(f"prediction loss: `{recipe.get('prediction', 'soft')}`, temperature "
                      f"{_fmt(recipe.get('temperature', 1.0))}, soft mode `{recipe.get('soft_mode', 'original')}`")
     steps = max((r.get("step", 0) for r in run.records if r.get("stage") == stage and r.get("kind") == "train"),
                 default=None)
@@ -397,51 +392,18 @@ def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
              f"{recipe['precision']}" if "precision" in recipe else None,
              f"seed {recipe['seed']}" if "seed" in recipe else None]
     if any(optim):
-        lines.append("- optimisation: " + ", ".join(x for x in optim if x))
+        lines.append("optimisation: " + ", ".join(x for x in optim if x))
     train = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "train"]
     if train and _is_number(train[-1].get("loss")):
         last = train[-1]
         parts = [f"{t} {_fmt(last[t])}" for t in terms if _is_number(last.get(t))]
-        lines.append(f"- last training loss: {_fmt(last['loss'])}" + (f" ({', '.join(parts)})" if parts else ""))
+        lines.append(f"last training loss: {_fmt(last['loss'])}" + (f" ({', '.join(parts)})" if parts else ""))
     evals = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "eval"]
     if evals:
         last = evals[-1]
         values = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if _is_number(v) and k not in ("step", "epoch"))
-        lines.append(f"- last held-out evaluation (step {last.get('step')}): {values}")
-    return lines + [""]
-
-
-def _usage(repo: str, config) -> str:
-    if config.num_labels:
-        if config.is_regression:
-            show = "print(logits.squeeze(-1).tolist())  # one score per input"
-        else:
-            show = "print([model.config.id2label[i] for i in logits.argmax(-1).tolist()])"
-        return f"""```python
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-model = AutoModelForSequenceClassification.from_pretrained("{repo}").eval()
-inputs = tokenizer(["A small model that reads like a big one."], padding=True, truncation=True,
-                   return_tensors="pt")  # sentence pairs: tokenizer(first_texts, second_texts, ...)
-with torch.no_grad():
-    logits = model(**inputs).logits  # (batch, {config.num_labels})
-{show}
-```"""
-    return f"""```python
-import torch
-from transformers import AutoModel, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-model = AutoModel.from_pretrained("{repo}").eval()
-inputs = tokenizer(["A small model that reads like a big one."], padding=True, truncation=True, return_tensors="pt")
-with torch.no_grad():
-    hidden = model(**inputs).last_hidden_state  # (batch, tokens, {config.hidden_size})
-print(hidden.shape)
-```
-
-A general-distilled student has no task head: fine-tune it, or distil a fine-tuned teacher into it on your task."""
+        lines.append(f"last held-out evaluation (step {last.get('step')}): {values}")
+    return lines
 
 
 def model_card(
@@ -455,14 +417,15 @@ def model_card(
     base_model: str | None = None,
 ) -> str:
     """README.md text for an exported student: Hub metadata (license, base_model = the teacher, tags, datasets,
-    metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage.
+    metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage, laid out by
+    CARD_TEMPLATE; this function gathers the facts.
 
     run_dirs: the runs that made the model, in order (default: the run whose `student/` this is); their
     recipe.yaml, log.jsonl and metrics.json are read. results: evaluation results (see `normalise_results`),
     added to those of the runs' metrics.json. bench: a bench dict or JSON file (see `read_bench`; default
     MODEL_DIR/bench.json when there is one).
     """
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     model_dir = Path(model_dir)
     model = load_model(model_dir)
@@ -506,83 +469,47 @@ def model_card(
         eval_results=[_eval_result(r, m, v) for r in found for m, v in r.metrics.items()] or None,
     )
 
-    counts = model.num_parameters()
+    total = model.num_parameters()["total"]
     teacher_params = _count_parameters(teacher) if teacher and Path(teacher).is_dir() else None
-    shape = (f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, feed-forward "
-             f"{config.intermediate_size}, {config.num_attention_heads} attention heads")
     if config.num_labels:
         head = ("a regression head" if config.is_regression else
                 f"a classification head over {config.num_labels} labels "
                 f"({', '.join(str(v) for v in (config.id2label or {}).values()) or 'unnamed'})")
     else:
         head = "no task head"
-    body = [f"# {name}", ""]
-    intro = f"A TinyBERT student ({shape}; {_millions(counts['total'])} parameters) with {head}"
-    intro += f", distilled from {_md_link(teacher)}" if teacher else (
-        f", fine-tuned from {_md_link(origin)}" if origin else "")
-    body += [intro + " by the `tinybert` toolkit, following TinyBERT ([Jiao et al., 2020]"
-             "(https://arxiv.org/abs/1909.10351)). It loads with plain `transformers`.", ""]
-    if origin and not base_model:
-        body += [f"The {'teacher' if teacher else 'initial model'} is a local checkpoint (`{origin}`), so the metadata names no `base_model` "
-                 f"(`tinybert push --base-model OWNER/NAME` names its Hub id).", ""]
-
-    body += ["## Lineage", ""]
-    if runs:
-        for run in runs:
-            for stage in run.stages:
-                body += _stage_lines(run, stage, config.num_hidden_layers)
-    else:
-        body += ["No run directory was given, so the recipe that made this model is not recorded here.", ""]
-
-    body += ["## Evaluation", ""]
-    if found:
-        sources = list(dict.fromkeys(r.source for r in found if r.source))
-        if sources:
-            body += [f"Scores of {'; '.join(sources)}.", ""]
-        body += ["| task | split | metric | value |", "|---|---|---|---|"]
-        for r in found:
-            for metric, value in r.metrics.items():
-                body.append(f"| {GLUE_NAMES.get(r.task.lower(), r.task)} | {r.split} | "
-                            f"{METRIC_NAMES.get(metric, metric)} | {value:.4f} |")
-        body.append("")
-    else:
-        body += ["No task evaluation was recorded for this model.", ""]
-
-    body += ["## Size and speed", "", "| | parameters | p50 latency (ms) | p95 latency (ms) | throughput (seq/s) |",
-             "|---|---|---|---|---|"]
-    m = (bench or {}).get("model") or {}
-    v = (bench or {}).get("vs") or {}
-    body.append(f"| this model | {_millions(counts['total'])} | {_fmt(m.get('p50') or '-')} | "
-                f"{_fmt(m.get('p95') or '-')} | {_fmt(m.get('throughput') or '-')} |")
+    m, v = (bench or {}).get("model") or {}, (bench or {}).get("vs") or {}
+    sizes = [["this model", _millions(total), *(_fmt(m.get(k) or "-") for k in ("p50", "p95", "throughput"))]]
     # The reference is the model the bench compared with (usually the teacher), else the teacher, unmeasured.
     reference, reference_params = None, None
     if v:
         reference = "the teacher" if v.get("name") in (None, teacher) else f"`{v['name']}`"
         reference_params = v.get("params") or (teacher_params if v.get("name") in (None, teacher) else None)
-        body.append(f"| {reference} | {_millions(reference_params) if reference_params else '-'} | "
-                    f"{_fmt(v.get('p50') or '-')} | {_fmt(v.get('p95') or '-')} | {_fmt(v.get('throughput') or '-')} |")
+        sizes.append([reference, _millions(reference_params) if reference_params else "-",
+                      *(_fmt(v.get(k) or "-") for k in ("p50", "p95", "throughput"))])
     elif teacher:
         reference, reference_params = "the teacher", teacher_params
-        body.append(f"| the teacher | {_millions(teacher_params) if teacher_params else '-'} | - | - | - |")
-    body.append("")
-    if bench:
-        speedup = bench["speedup"]
-        parts = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup["latency"] else None,
-                 f"**{speedup['throughput']:.2f}x** higher throughput" if speedup["throughput"] else None]
-        if any(parts) and reference:
-            body += [f"Speed-up against {reference}: " + ", ".join(x for x in parts if x) + ".", ""]
-        if bench["setting"]:
-            body += ["Measured with `tinybert bench`: " + ", ".join(f"{k} {_fmt(x)}" for k, x in
-                                                                     bench["setting"].items()) + ".", ""]
-    else:
-        body += ["Speed was not measured for this card (`tinybert bench MODEL --vs TEACHER` writes bench.json, "
-                 "which the card reads).", ""]
-    if reference_params:
-        body += [f"{reference_params / counts['total']:.1f}x fewer parameters than {reference}.", ""]
-
-    body += ["## Usage", "", _usage(repo_id or str(model_dir), config), ""]
-    body += ["## Citation", "", "```bibtex", CITATION, "```", ""]
-    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+        sizes.append([reference, _millions(teacher_params) if teacher_params else "-", "-", "-", "-"])
+    speedup = (bench or {}).get("speedup") or {}
+    speedup = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup.get("latency") else None,
+               f"**{speedup['throughput']:.2f}x** higher throughput" if speedup.get("throughput") else None]
+    card = ModelCard.from_template(
+        data, template_path=str(CARD_TEMPLATE), name=name, params=_millions(total), head=head,
+        shape=f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, feed-forward "
+              f"{config.intermediate_size}, {config.num_attention_heads} attention heads",
+        teacher=teacher and _md_link(teacher), origin=origin and _md_link(origin),
+        local_origin=origin if origin and not base_model else None,
+        runs=runs, stages=[(STAGE_TITLES.get(s, s), _stage_lines(run, s, config.num_hidden_layers))
+                           for run in runs for s in run.stages],
+        sources="; ".join(dict.fromkeys(r.source for r in found if r.source)),
+        results=[[GLUE_NAMES.get(r.task.lower(), r.task), r.split, METRIC_NAMES.get(k, k), f"{x:.4f}"]
+                 for r in found for k, x in r.metrics.items()],
+        sizes=sizes, measured=bool(bench), reference=reference,
+        speedup=", ".join(x for x in speedup if x) if any(speedup) and reference else None,
+        setting=", ".join(f"{k} {_fmt(x)}" for k, x in (bench or {}).get("setting", {}).items()),
+        fewer=f"{reference_params / total:.1f}" if reference_params else None,
+        repo=repo_id or str(model_dir), config=config,
+    )
+    return str(card)
 
 
 # ------------------------------------------------------------------------------------------------------- push
@@ -636,23 +563,23 @@ def _check_repo_id(repo_id: str) -> None:
                         f"no '--' or '..', at most 96 characters") from None
 
 
-def _stage(model_dir: Path, card: str, into: Path) -> int:
-    """Link the model's files into `into` and write the card there: the user's directory is never written to.
-    Hidden entries (unfinished `.tmp-` saves, caches) and an existing README.md are left out."""
-    count = 0
+def _operations(model_dir: Path, card: str) -> list:
+    """One commit's additions: every regular file of the model folder, and the card as README.md. Hidden entries
+    (unfinished `.tmp-` saves, caches) and an existing README.md are left out; a symbolic link is refused, so that
+    nothing outside the folder is uploaded by way of one."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
     for src in sorted(model_dir.rglob("*")):
         rel = src.relative_to(model_dir)
-        if any(part.startswith(".") for part in rel.parts) or not src.is_file() or rel == Path("README.md"):
+        if any(part.startswith(".") for part in rel.parts) or rel == Path("README.md"):
             continue
-        dst = into / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:  # another filesystem, or links not allowed
-            shutil.copy2(src, dst)
-        count += 1
-    (into / "README.md").write_text(card)
-    return count + 1
+        if src.is_symlink():
+            raise PushError(f"{src} is a symbolic link; push uploads regular files only: replace it with a copy of "
+                            f"the file it points to")
+        if src.is_file():
+            operations.append(CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=str(src)))
+    return operations
 
 
 def push(
@@ -673,8 +600,8 @@ def push(
     """Upload an exported student with its model card to `repo_id` (created if missing, on branch `revision`).
 
     Everything that can be checked locally is checked before any request: the model directory, the repo id,
-    the token (argument, HF_TOKEN, or `hf auth login`), offline mode; then the card is built. The files are linked
-    into a temporary folder with the card as README.md (a README.md in `model_dir` is not uploaded, and nothing in
+    the token (argument, HF_TOKEN, or `hf auth login`), offline mode; then the card is built. The model's files and
+    the card as README.md go up in one commit (a README.md in `model_dir` is not uploaded, and nothing in
     `model_dir` is written). The token is sent only in the Authorization header; errors are re-raised `from None`
     so that no chained exception can carry it either. Returns the URL of the commit.
     """
@@ -697,6 +624,7 @@ def push(
                           repo_id=repo_id, base_model=base_model)
     except ValueError as e:
         raise PushError(f"cannot write the model card: {_scrub(e, token)}") from None
+    operations = _operations(model_dir, card)
 
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repository"
@@ -706,12 +634,10 @@ def push(
             step = f"create branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload the files"
-        with tempfile.TemporaryDirectory(prefix="tinybert-push-") as tmp:
-            _stage(model_dir, card, Path(tmp))
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, revision=revision,
-                commit_message=commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert",
-            )
+        info = api.create_commit(
+            repo_id=repo_id, operations=operations, revision=revision,
+            commit_message=commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert",
+        )
     except _transport_errors() as e:
         raise PushError(f"cannot reach {endpoint} to {step} ({type(e).__name__}: {_scrub(e, token)}); check the "
                         f"network and --endpoint") from None
