@@ -46,7 +46,7 @@ from tinybert.augment import AugmentSettings, run_augment  # noqa: E402
 from tinybert.data import get_task  # noqa: E402
 from tinybert.demo import bundled_mlm, bundled_teacher, bundled_word_vectors  # noqa: E402
 from tinybert.general import run_general  # noqa: E402
-from tinybert.hub import init_from_teacher, load_model, load_tokenizer, save_model  # noqa: E402
+from tinybert.checkpoint import init_from_teacher, load_model, load_tokenizer, save_model  # noqa: E402
 from tinybert.recipe import load_recipe  # noqa: E402
 from tinybert.task import TaskData, run_finetune, run_task  # noqa: E402
 from tinybert.train import default_device  # noqa: E402

@@ -91,7 +91,7 @@ def test_bf16_run_with_a_bf16_teacher_matches_fp32_terms(minilm_dir, data_dir):
     """A bf16 run holds the frozen teacher in bf16 weights (train.teacher_dtype) and the student under autocast:
     every loss term of one real SST-2 batch within 1% (relative) of the fp32 run's; seen: <= 5e-4."""
     from tinybert.distill import Distiller
-    from tinybert.hub import load_model, load_tokenizer
+    from tinybert.checkpoint import load_model, load_tokenizer
     from tinybert.model import Bert, BertConfig
     from tinybert.recipe import build_recipe
     from tinybert.train import build_engine, teacher_dtype

@@ -21,7 +21,7 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 
-from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.bench import benchmark, compare, machine
 from tinybert.model import Bert, BertConfig
 from tinybert.publish import PushError, model_card, push, read_bench

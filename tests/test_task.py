@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tinybert import task as task_module
 from tinybert.cli import main
 from tinybert.data import DataError, get_task, load_split_file
-from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 from tinybert.recipe import RecipeError, load_recipe
 from tinybert.task import for_task, logits_key, with_head

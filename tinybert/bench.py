@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tinybert.hub import load_model
+from tinybert.checkpoint import load_model
 from tinybert.model import Bert
 
 
@@ -119,7 +119,7 @@ def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Pa
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     if dtype == "auto":  # the run's own probe: bf16 where it measures fast on this device
-        from tinybert.hub import read_config
+        from tinybert.checkpoint import read_config
         from tinybert.model import BertConfig
         from tinybert.train import resolve_precision
 

@@ -56,7 +56,7 @@ def _check_output(output: Path, overwrite: bool):
 @app.command()
 def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybert-4l-312d, ...) or a model directory.")):
     """Show a model's config, parameter counts (embeddings / encoder / heads) and size on disk."""
-    from tinybert.hub import load_model
+    from tinybert.checkpoint import load_model
 
     bert = load_model(model)
     c = bert.config
@@ -92,7 +92,7 @@ def init(
     """Write a new student: randomly initialised from a preset, or copied from chosen teacher layers."""
     import torch
 
-    from tinybert.hub import init_from_teacher, load_model, load_tokenizer, save_model
+    from tinybert.checkpoint import init_from_teacher, load_model, load_tokenizer, save_model
     from tinybert.model import Bert, BertConfig
 
     _check_output(output, overwrite)

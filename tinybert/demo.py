@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from tinybert.hub import CheckpointError, init_from_teacher, load_model, load_tokenizer, save_model
+from tinybert.checkpoint import CheckpointError, init_from_teacher, load_model, load_tokenizer, save_model
 
 # The demo's size: seconds per piece on a 2-core CPU are in docs/results.md.
 TRAIN_EXAMPLES = 8000

@@ -12,7 +12,7 @@ import yaml
 
 from tinybert.corpus import build_corpus, collate, corpus_stats
 from tinybert.distill import Distiller
-from tinybert.hub import CheckpointError, load_model, load_tokenizer, save_model
+from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.model import PRESETS, Bert, BertConfig
 from tinybert.recipe import Recipe
 from tinybert.train import (

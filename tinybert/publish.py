@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tinybert.hub import CheckpointError, load_model, read_config
+from tinybert.checkpoint import CheckpointError, load_model, read_config
 from tinybert.report import read_log, run_logs
 
 LOSS_TERMS = ("embedding", "hidden", "attention", "prediction")

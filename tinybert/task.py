@@ -44,7 +44,7 @@ from tinybert.data import (
     write_submission,
 )
 from tinybert.distill import Distiller
-from tinybert.hub import CheckpointError, load_model, load_tokenizer, save_model
+from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.losses import hard_cross_entropy, regression_mse
 from tinybert.model import PRESETS, Bert
 from tinybert.recipe import Recipe, RecipeError
