@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distill import (import_original, machine, original_config, original_layer_loss, resolve,  # noqa: E402
                      time_steps)  # (the sibling benchmark)
 
+from tinybert.checkpoint import load_tokenizer  # noqa: E402
 from tinybert.data import length_grouped_batches, load_task, tokenize  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
-from tinybert.checkpoint import load_tokenizer  # noqa: E402
 from tinybert.model import Bert, BertConfig  # noqa: E402
 from tinybert.recipe import build_recipe  # noqa: E402
 from tinybert.task import collate_batch  # noqa: E402

@@ -1,5 +1,6 @@
 """tinybert.checkpoint against transformers: students we export load in plain transformers with no warnings and
-give the same outputs; checkpoints transformers writes load into our BERT; bad checkpoints fail with a message naming them."""
+give the same outputs; checkpoints transformers writes load into our BERT; bad checkpoints fail with a message
+naming them."""
 
 import json
 import logging

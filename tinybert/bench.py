@@ -3,7 +3,6 @@ length 128, and the speed-up against another model. Model cards take their figur
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -15,6 +14,7 @@ import torch
 
 from tinybert.checkpoint import load_model
 from tinybert.model import Bert
+from tinybert.rundir import BENCH, Bench, BenchSide
 
 
 def _sync(device: torch.device):
@@ -54,7 +54,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def benchmark(source: str | Path, *, device: str = "cpu", dtype: str = "fp32", seq_len: int = 128,
-              throughput_batch: int = 32, latency_repeats: int = 30, throughput_repeats: int = 5) -> dict:
+              throughput_batch: int = 32, latency_repeats: int = 30, throughput_repeats: int = 5) -> BenchSide:
     """Figures for one model (a directory or a preset name)."""
     dev = torch.device(device)
     model: Bert = load_model(source).to(dev)
@@ -65,19 +65,12 @@ def benchmark(source: str | Path, *, device: str = "cpu", dtype: str = "fp32", s
     one = time_forward(model, random_batch(1, seq_len, V, dev), dev, dtype, warmup=3, repeats=latency_repeats)
     many = time_forward(model, random_batch(throughput_batch, seq_len, V, dev), dev, dtype, warmup=1,
                         repeats=throughput_repeats)
-    return {
-        "model": str(source),
-        "device": device,
-        "dtype": dtype,
-        "seq_len": seq_len,
-        "parameters": params,
-        "size_on_disk_bytes": size,
-        "latency_ms_p50": 1000 * statistics.median(one),
-        "latency_ms_p95": 1000 * percentile(one, 95),
-        "throughput_batch": throughput_batch,
-        "throughput_seq_per_s": throughput_batch / statistics.median(many),
-        "threads": torch.get_num_threads(),
-    }
+    return BenchSide(
+        model=str(source), device=device, dtype=dtype, seq_len=seq_len, parameters=params, size_on_disk_bytes=size,
+        latency_ms_p50=1000 * statistics.median(one), latency_ms_p95=1000 * percentile(one, 95),
+        throughput_batch=throughput_batch, throughput_seq_per_s=throughput_batch / statistics.median(many),
+        threads=torch.get_num_threads(),
+    )
 
 
 def machine() -> dict:
@@ -92,30 +85,30 @@ def machine() -> dict:
     return info
 
 
-def compare(model: dict, other: dict) -> dict:
+def compare(model: BenchSide, other: BenchSide) -> dict[str, float]:
     """Speed-ups of `model` over `other` (> 1 = model is faster)."""
-    return {"latency_speedup": other["latency_ms_p50"] / model["latency_ms_p50"],
-            "throughput_speedup": model["throughput_seq_per_s"] / other["throughput_seq_per_s"],
-            "size_ratio": other["parameters"] / model["parameters"]}
+    return {"latency_speedup": other.latency_ms_p50 / model.latency_ms_p50,
+            "throughput_speedup": model.throughput_seq_per_s / other.throughput_seq_per_s,
+            "size_ratio": other.parameters / model.parameters}
 
 
-def format_table(results: list[dict], speedup: dict | None = None) -> str:
+def format_table(results: list[BenchSide], speedup: dict | None = None) -> str:
     header = f"{'model':<44}{'params':>9}{'disk':>10}{'p50 ms':>9}{'p95 ms':>9}{'seq/s (b=32)':>14}"
     lines = [header, "-" * len(header)]
     for r in results:
-        name = r["model"] if len(r["model"]) <= 42 else "..." + r["model"][-39:]
-        disk = f"{r['size_on_disk_bytes'] / 2**20:.0f} MB" if r["size_on_disk_bytes"] else "-"
-        lines.append(f"{name:<44}{r['parameters'] / 1e6:>8.1f}M{disk:>10}{r['latency_ms_p50']:>9.1f}"
-                     f"{r['latency_ms_p95']:>9.1f}{r['throughput_seq_per_s']:>14.1f}")
+        name = r.model if len(r.model) <= 42 else "..." + r.model[-39:]
+        disk = f"{r.size_on_disk_bytes / 2**20:.0f} MB" if r.size_on_disk_bytes else "-"
+        lines.append(f"{name:<44}{r.parameters / 1e6:>8.1f}M{disk:>10}{r.latency_ms_p50:>9.1f}"
+                     f"{r.latency_ms_p95:>9.1f}{r.throughput_seq_per_s:>14.1f}")
     if speedup:
         lines.append(f"speed-up: {speedup['latency_speedup']:.2f}x latency, {speedup['throughput_speedup']:.2f}x "
                      f"throughput, {speedup['size_ratio']:.2f}x fewer parameters")
     r = results[0]
-    lines.append(f"({r['device']}, {r['dtype']}, sequence {r['seq_len']}, {r['threads']} threads)")
+    lines.append(f"({r.device}, {r.dtype}, sequence {r.seq_len}, {r.threads} threads)")
     return "\n".join(lines)
 
 
-def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Path | None, echo=print) -> dict:
+def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Path | None, echo=print) -> Bench:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     if dtype == "auto":  # the run's own probe: bf16 where it measures fast on this device
@@ -131,10 +124,10 @@ def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Pa
         results.append(benchmark(vs, device=device, dtype=dtype))
         speedup = compare(results[0], results[1])
     echo(format_table(results, speedup))
-    report = {"model": results[0], "vs": results[1] if vs else None, "speedup": speedup, "machine": machine()}
+    report = Bench(model=results[0], vs=results[1] if vs else None, speedup=speedup, machine=machine())
     if json_path is None and Path(model).is_dir():
-        json_path = Path(model) / "bench.json"
+        json_path = Path(model) / BENCH
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        report.write(json_path)
         echo(f"wrote {json_path}")
     return report

@@ -9,6 +9,7 @@ the bundled recipes run the same code at full size.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -76,12 +77,13 @@ def run_demo(output: Path, echo=print) -> dict:
     from tinybert.bench import benchmark, compare
     from tinybert.publish import model_card
     from tinybert.recipe import load_recipe
-    from tinybert.task import TaskData, run_eval, run_finetune, run_task
+    from tinybert.rundir import BENCH, Bench
+    from tinybert.task import TaskSource, run_eval, run_finetune, run_task
 
     output = Path(output)
     started = time.perf_counter()
     teacher_dir = bundled_teacher()
-    data = TaskData(task="sst2", data_dir=glue_dir())
+    data = TaskSource(task="sst2", data_dir=glue_dir())
     echo(f"[1/6] teacher {teacher_dir}\n      data: SST-2 from {data.data_dir or 'the Hugging Face hub'}, "
          f"{TRAIN_EXAMPLES} training sentences, the full dev set")
     limit = [f"max_train_examples={TRAIN_EXAMPLES}"]
@@ -104,10 +106,10 @@ def run_demo(output: Path, echo=print) -> dict:
     echo("[5/6] evaluating and benchmarking both on the CPU")
     scores = {name: run_eval(data, str(path))["results"]["validation"]["accuracy"]
               for name, path in (("teacher", teacher_ft), ("student", student))}
-    bench = {name: benchmark(path) for name, path in (("teacher", teacher_ft), ("student", student))}
-    speedup = compare(bench["student"], bench["teacher"])
-    (student / "bench.json").write_text(json.dumps(
-        {"model": bench["student"], "vs": bench["teacher"], "speedup": speedup}, indent=2) + "\n")
+    sides = {name: benchmark(path) for name, path in (("teacher", teacher_ft), ("student", student))}
+    speedup = compare(sides["student"], sides["teacher"])
+    Bench(model=sides["student"], vs=sides["teacher"], speedup=speedup).write(student / BENCH)
+    bench = {name: dataclasses.asdict(side) for name, side in sides.items()}
 
     echo("[6/6] writing the student's model card")
     (student / "README.md").write_text(model_card(student, run_dirs=[output / "student"]))

@@ -4,11 +4,15 @@ TinyBERT (Jiao et al., 2020) section 3.1: embedding, hidden-state, attention and
 """
 
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
 from tinybert.losses import (
+    LAYER_TERMS,
+    LOSS_TERMS,
+    Prediction,
     attention_mse,
     hard_cross_entropy,
     hidden_mse,
@@ -18,8 +22,6 @@ from tinybert.losses import (
 )
 from tinybert.model import Bert
 
-TERMS = ("embedding", "hidden", "attention", "prediction")
-PREDICTIONS = ("soft", "mse", "mse_teacher", "hard")
 
 
 class Projections(nn.Module):
@@ -59,7 +61,7 @@ class Distiller(nn.Module):
         student: Bert,
         layer_map: str | list[int],
         *,
-        terms: Iterable[str] = ("embedding", "hidden", "attention"),
+        terms: Iterable[str] = LAYER_TERMS,
         attention_mode: str = "masked",
         prediction: str = "soft",
         temperature: float = 1.0,
@@ -68,11 +70,11 @@ class Distiller(nn.Module):
     ):
         super().__init__()
         terms = tuple(terms)
-        unknown = [t for t in terms if t not in TERMS]
+        unknown = [t for t in terms if t not in LOSS_TERMS]
         if unknown or not terms:
-            raise ValueError(f"loss terms {list(terms)} are invalid; choose among {', '.join(TERMS)}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+            raise ValueError(f"loss terms {list(terms)} are invalid; choose among {', '.join(LOSS_TERMS)}")
+        if prediction not in get_args(Prediction):
+            raise ValueError(f"prediction {prediction!r} is unknown; choose one of {', '.join(get_args(Prediction))}")
         if attention_mode not in ("masked", "original") or soft_mode not in ("original", "batchmean"):
             raise ValueError(f"attention_mode {attention_mode!r} must be 'masked' or 'original' and soft_mode "
                              f"{soft_mode!r} 'original' or 'batchmean'")
@@ -107,7 +109,7 @@ class Distiller(nn.Module):
 
         teacher_logits = batch.get("teacher_logits")
         needs_logits = predict and self.prediction in ("soft", "mse_teacher") and teacher_logits is None
-        if needs_logits or any(t in self.terms for t in ("embedding", "hidden", "attention")):
+        if needs_logits or any(t in self.terms for t in LAYER_TERMS):
             # The teacher stops at its last mapped layer (at the embeddings if only they are compared) unless the
             # logits are needed, and computes explicit scores only for the mapped layers.
             last = layer_map[-1] if "hidden" in self.terms or attention else layer_map[0]

@@ -4,9 +4,18 @@ Follows TinyBERT (Jiao et al., 2020) section 3.1 (eq. 7-12) and the original cod
 """
 
 import numbers
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+
+# The one list of loss terms (section 3.1): recipes weight them (`terms:`), the distiller returns them, logs and
+# model cards name them. The first three distil the intermediate layers (general distillation, task stage 1).
+LossTerm = Literal["embedding", "hidden", "attention", "prediction"]
+LOSS_TERMS: tuple[LossTerm, ...] = get_args(LossTerm)
+LAYER_TERMS = LOSS_TERMS[:3]
+# What the prediction term compares: soft teacher targets, gold scores, the teacher's scores, gold labels.
+Prediction = Literal["soft", "mse", "mse_teacher", "hard"]
 
 
 class LayerMapError(ValueError):
