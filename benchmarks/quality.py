@@ -48,6 +48,7 @@ from tinybert.data import get_task  # noqa: E402
 from tinybert.demo import bundled_mlm, bundled_teacher, bundled_word_vectors  # noqa: E402
 from tinybert.general import run_general  # noqa: E402
 from tinybert.recipe import load_recipe  # noqa: E402
+from tinybert.rundir import Metrics, RunDir  # noqa: E402
 from tinybert.task import TaskSource, run_finetune, run_task  # noqa: E402
 from tinybert.train import default_device  # noqa: E402
 
@@ -116,12 +117,12 @@ def parse_args():
 def dev_accuracy(out: Path) -> dict:
     """A fine-tuning or task-distillation run's dev score (the task's main metric, under the key `accuracy` for
     every task): best epoch (its best/) and last epoch, and the best epoch's other metrics."""
-    if not (out / "metrics.json").is_file():
+    if not RunDir(out).metrics.is_file():
         return {}
-    m = json.loads((out / "metrics.json").read_text())
-    main = m.get("main_metric", "accuracy")
-    return {"accuracy": m["best"][main], "best_step": m["best"]["step"], "last_accuracy": (m["last"] or {}).get(main),
-            "best_metrics": {k: v for k, v in m["best"].items() if k not in ("stage", "step")}}
+    m = Metrics.read(RunDir(out).metrics)
+    return {"accuracy": m.best[m.main_metric], "best_step": m.best["step"],
+            "last_accuracy": (m.last or {}).get(m.main_metric),
+            "best_metrics": {k: v for k, v in m.best.items() if k not in ("stage", "step")}}
 
 
 class Runner:

@@ -29,24 +29,20 @@ WRITES = {
 
 @dataclass(frozen=True)
 class RunDir:
-    """A run's --output folder.
+    """A run's --output folder (WRITES lists what each kind of run writes there).
 
-    Every run:              recipe.yaml  log.jsonl  tensorboard/  checkpoints/step-NNNNNNN/
-    general distillation:   + student/
-    fine-tuning:            + best/  last/  metrics.json
-    task distillation:      stage1/{checkpoints, log.jsonl, student/}  stage2/{checkpoints, log.jsonl}
-                            best/  last/  metrics.json  recipe.yaml
+    general distillation:  recipe.yaml  log.jsonl  tensorboard/  checkpoints/step-NNNNNNN/  student/
+    fine-tuning:           recipe.yaml  log.jsonl  tensorboard/  checkpoints/step-NNNNNNN/  best/  last/  metrics.json
+    task distillation:     recipe.yaml  stage1/{log.jsonl, tensorboard, checkpoints, student/}
+                           stage2/{log.jsonl, tensorboard, checkpoints}  best/  last/  metrics.json
     best/ and last/ are Hugging Face directories (best by the task's main metric, last at the end); stage1/student
-    is the student that enters stage 2, and the folder of one stage is a RunDir of its own (`run.stage("stage1")`).
+    is the student that enters stage 2. The folder of one stage is a RunDir of its own (`run_dir.stage("stage1")`).
     """
 
     path: Path
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     def stage(self, name: str) -> RunDir:
         return RunDir(self.path / name)

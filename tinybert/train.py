@@ -378,7 +378,7 @@ def clear_output(run_dir: RunDir, kind: str):
     """--overwrite: rank 0 removes the previous run's files (only those; anything else in the directory stays)."""
     if world()[0] == 0:
         for name in WRITES[kind]:
-            path = run_dir / name
+            path = run_dir.path / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     barrier()
 
