@@ -104,10 +104,9 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
 
     pad = partial(collate_packed, pad_token_id=tokenizer.pad_token_id)
     heldout = data["heldout"]
-    heldout_batches = [list(range(i, min(i + micro, len(heldout)))) for i in range(0, len(heldout), micro)]
     stage = Stage(
         name="general", module=distiller, weights=terms, dataset=data["train"], plan=plan, collate=pad,
-        evaluate=(lambda module: average_terms(module, heldout, heldout_batches, pad, run.device,
+        evaluate=(lambda module: average_terms(module, heldout, micro, pad, run.device,
                                                recipe.precision, terms)) if len(heldout) else None,
     )
     steps = total_steps(stage, recipe)

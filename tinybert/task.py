@@ -574,12 +574,11 @@ def _stage1(module: Distiller, recipe: Recipe, terms: dict, sets, pad: int, devi
     """Stage 1 (intermediate layers), scored by its loss terms on the first dev split: the head is not trained."""
     micro = micro_batch_size(recipe)
     first_dev = next(iter(ds for split, ds in sets.items() if split != "train"))
-    batches = [list(range(i, min(i + micro, len(first_dev)))) for i in range(0, len(first_dev), micro)]
     pad_rows = lambda rows: collate_batch(rows, pad)  # noqa: E731
     return Stage(
         name="stage1", module=module, weights=terms, dataset=sets["train"],
         plan=make_plan(sets["train"], micro, recipe.seed), collate=pad_rows,
-        evaluate=lambda m: average_terms(m, first_dev, batches, pad_rows, device, recipe.precision, terms),
+        evaluate=lambda m: average_terms(m, first_dev, micro, pad_rows, device, recipe.precision, terms),
     )
 
 

@@ -590,13 +590,14 @@ def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: 
 
 
 @torch.no_grad()
-def average_terms(module: nn.Module, dataset, batches: list[list[int]], collate, device, precision: str,
+def average_terms(module: nn.Module, dataset, batch_size: int, collate, device, precision: str,
                   weights: dict[str, float]) -> dict[str, float]:
-    """Held-out loss terms, averaged over examples, with the module in eval mode."""
+    """Held-out loss terms, averaged over examples (in batches of batch_size, in order), in eval mode."""
     module.eval()
     sums, count = {}, 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    for indices in batches:
+    for start in range(0, len(dataset), batch_size):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
         rows = dataset[indices]
         batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())])
         batch = {k: v.to(device) for k, v in batch.items()}
