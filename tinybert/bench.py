@@ -114,10 +114,10 @@ def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Pa
     if dtype == "auto":  # the run's own probe: bf16 where it measures fast on this device
         from tinybert.checkpoint import read_config
         from tinybert.model import BertConfig
-        from tinybert.train import resolve_precision
+        from tinybert.train import decide_precision
 
         config = read_config(model) if Path(model).is_dir() else BertConfig.preset(model)
-        dtype = resolve_precision("auto", torch.device(device), config, echo)
+        dtype = decide_precision("auto", torch.device(device), config, echo).precision
     results = [benchmark(model, device=device, dtype=dtype)]
     speedup = None
     if vs:

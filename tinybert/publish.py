@@ -23,6 +23,7 @@ from tinybert.checkpoint import CheckpointError, load_model, read_config
 from tinybert.losses import LAYER_TERMS, LOSS_TERMS
 from tinybert.report import read_log
 from tinybert.rundir import BENCH, BEST, LAST, STAGE1, STAGE2, STUDENT, Bench, Metrics, RunDir, is_finite_number
+
 STAGE_TITLES = {
     "general": "General distillation (TinyBERT section 3.2, on raw text)",
     "stage1": "Task distillation, stage 1: intermediate layers",
@@ -184,7 +185,7 @@ def run_results(run: Run, model_dir: Path) -> list[Result]:
     if m is None:
         return []
     which = LAST if model_dir.resolve().name == LAST else BEST
-    chosen = getattr(m, which) or {}
+    chosen = (m.last if which == LAST else m.best) or {}
     task = str(m.task or run.recipe.get("task") or "custom")
     source = f"the {which} checkpoint ({chosen.get('stage', 'run')} step {chosen.get('step', '?')}), metrics.json"
     by_split: dict[str, dict[str, float]] = {}

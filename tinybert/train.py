@@ -58,11 +58,6 @@ def decide_precision(precision: str, device: torch.device, config=None, echo=Non
     return verdict
 
 
-def resolve_precision(precision: str, device: torch.device, config=None, echo=None) -> str:
-    """decide_precision's choice alone: 'fp32' or 'bf16'."""
-    return decide_precision(precision, device, config, echo).precision
-
-
 def teacher_dtype(precision: str) -> torch.dtype:
     """The frozen teacher's weight dtype for a run's (resolved) precision: bf16 in a bf16 run, so its matrix
     products get bf16 weights without a cast of every weight on every step (autocast re-casts weights that need no
