@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tinybert.hub import hf_config, ours_to_hf
+from tinybert.checkpoint import hf_config, ours_to_hf
 from tinybert.model import PRESETS, Bert, BertConfig
 
 SEQ_LEN = 128

@@ -43,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distill import machine  # noqa: E402  (the sibling benchmark)
 
 from tinybert.augment import AugmentSettings, run_augment  # noqa: E402
+from tinybert.checkpoint import init_from_teacher, load_model, load_tokenizer, save_model  # noqa: E402
 from tinybert.data import get_task  # noqa: E402
 from tinybert.demo import bundled_mlm, bundled_teacher, bundled_word_vectors  # noqa: E402
 from tinybert.general import run_general  # noqa: E402
-from tinybert.hub import init_from_teacher, load_model, load_tokenizer, save_model  # noqa: E402
 from tinybert.recipe import load_recipe  # noqa: E402
-from tinybert.task import TaskData, run_finetune, run_task  # noqa: E402
+from tinybert.rundir import Metrics, RunDir  # noqa: E402
+from tinybert.task import TaskSource, run_finetune, run_task  # noqa: E402
 from tinybert.train import default_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,12 +132,12 @@ def experiment_args(p: argparse.ArgumentParser, args, defaults: dict, name: str,
 def dev_accuracy(out: Path) -> dict:
     """A fine-tuning or task-distillation run's dev score (the task's main metric, under the key `accuracy` for
     every task): best epoch (its best/) and last epoch, and the best epoch's other metrics."""
-    if not (out / "metrics.json").is_file():
+    if not RunDir(out).metrics.is_file():
         return {}
-    m = json.loads((out / "metrics.json").read_text())
-    main = m.get("main_metric", "accuracy")
-    return {"accuracy": m["best"][main], "best_step": m["best"]["step"], "last_accuracy": (m["last"] or {}).get(main),
-            "best_metrics": {k: v for k, v in m["best"].items() if k not in ("stage", "step")}}
+    m = Metrics.read(RunDir(out).metrics)
+    return {"accuracy": m.best[m.main_metric], "best_step": m.best["step"],
+            "last_accuracy": (m.last or {}).get(m.main_metric),
+            "best_metrics": {k: v for k, v in m.best.items() if k not in ("stage", "step")}}
 
 
 class Runner:
@@ -296,7 +297,7 @@ def main():
     for path in (glue / get_task(args.task).glue_dir, corpus):
         if not path.is_dir():
             raise SystemExit(f"{path} does not exist; set --data or $TINYBERT_DATA")
-    data, minilm, started = TaskData(task=args.task, data_dir=str(glue)), bundled_teacher(), time.perf_counter()
+    data, minilm, started = TaskSource(task=args.task, data_dir=str(glue)), bundled_teacher(), time.perf_counter()
     runner, teacher = Runner(args), out / "teacher" / "best"
     common = [f"max_eval_examples={args.eval_examples}", "batch_size=32",
               *([f"precision={args.precision}"] if args.precision != "auto" else [])]
@@ -343,7 +344,7 @@ def main():
             over = [f"seed={seed}", *common, f"stage1.epochs={args.da_stage1_epochs}",
                     f"stage2.epochs={args.da_stage2_epochs}", f"stage2.learning_rate={args.lr}",
                     f"layer_map={KINDS[kind][1]}"]
-            da_data = TaskData(task=args.task, data_dir=str(glue), augmented=str(augmented))
+            da_data = TaskSource(task=args.task, data_dir=str(glue), augmented=str(augmented))
             runner.piece("da", f"da {kind} seed {seed}", out / kind / f"da-seed{seed}", "metrics.json",
                          {"recipe": "task", "overrides": over, "augmented": aug}, [teacher, student, augmented],
                          lambda recipe, d=da_data, **kw: run_task(recipe, d, teacher=str(teacher),

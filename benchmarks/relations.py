@@ -42,9 +42,9 @@ from tinybert.data import TASKS, get_task  # noqa: E402
 from tinybert.demo import bundled_teacher  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
 from tinybert.general import build_student, run_general  # noqa: E402
-from tinybert.hub import load_model  # noqa: E402
+from tinybert.checkpoint import load_model  # noqa: E402
 from tinybert.recipe import load_recipe  # noqa: E402
-from tinybert.task import TaskData, run_finetune, run_task  # noqa: E402
+from tinybert.task import TaskSource, run_finetune, run_task  # noqa: E402
 from tinybert.train import build_engine, default_device  # noqa: E402
 
 PIECES = ("teacher", "general", "finetune", "distil", "timing")
@@ -199,7 +199,7 @@ def main():
 
     teachers = {}
     for task in args.tasks:
-        data = TaskData(task=task, data_dir=str(glue))
+        data = TaskSource(task=task, data_dir=str(glue))
         if task in args.teachers:
             teachers[task] = args.teachers[task]
             continue
@@ -225,7 +225,7 @@ def main():
                          recipe=recipe_name, overrides=over, teacher=minilm, corpus=corpus, student=args.student)
 
     for task in args.tasks:
-        data, teacher = TaskData(task=task, data_dir=str(glue)), teachers[task]
+        data, teacher = TaskSource(task=task, data_dir=str(glue)), teachers[task]
         for loss in LOSSES:
             for gs in args.general_seeds:
                 student = out / "general" / f"{loss}-seed{gs}" / "student"

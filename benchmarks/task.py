@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distill import (import_original, machine, original_config, original_layer_loss, resolve,  # noqa: E402
                      time_steps)  # (the sibling benchmark)
 
+from tinybert.checkpoint import load_tokenizer  # noqa: E402
 from tinybert.data import length_grouped_batches, load_task, tokenize  # noqa: E402
 from tinybert.distill import Distiller  # noqa: E402
-from tinybert.hub import load_tokenizer  # noqa: E402
 from tinybert.model import Bert, BertConfig  # noqa: E402
 from tinybert.recipe import build_recipe  # noqa: E402
 from tinybert.task import collate_batch  # noqa: E402
@@ -132,7 +132,7 @@ def logit_cache(train, args) -> dict:
     """The pipeline's teacher-logit cache (tinybert.task.teacher_logits) on the first --cache-rows SST-2 train rows,
     twice, with the teacher's forward calls counted by a hook: the first call runs the teacher and stores the logits,
     the second (what every later stage-2 epoch and run does) reads them and runs none."""
-    from tinybert.hub import load_model, save_model
+    from tinybert.checkpoint import load_model, save_model
     from tinybert.task import teacher_logits
 
     rows = train.select(range(min(args.cache_rows, len(train))))

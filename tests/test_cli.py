@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 
 REPO = Path(__file__).resolve().parents[1]

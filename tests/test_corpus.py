@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from tinybert.corpus import CorpusError, build_corpus, collate, corpus_stats, read_documents  # noqa: E402
+from tinybert.corpus import CorpusError, build_corpus, collate_packed, corpus_stats, read_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TINYBERT_DATA", REPO.parent / "shared" / "data"))
@@ -157,7 +157,7 @@ def test_collate_pads_to_the_longest_row(corpus, tokenizer):
     rows = [split[short], split[0]]
     lengths = [len(r["input_ids"]) for r in rows]
     assert lengths[0] < lengths[1]
-    batch = collate(rows, tokenizer.pad_token_id)
+    batch = collate_packed(rows, tokenizer.pad_token_id)
     assert set(batch) == {"input_ids", "token_type_ids", "attention_mask"}
     for tensor in batch.values():
         assert tensor.shape == (2, max(lengths)) and tensor.dtype == torch.long
@@ -166,7 +166,7 @@ def test_collate_pads_to_the_longest_row(corpus, tokenizer):
     assert batch["token_type_ids"][0, lengths[0] :].eq(0).all()
     assert batch["input_ids"][0, : lengths[0]].tolist() == rows[0]["input_ids"]
     assert batch["token_type_ids"][1].tolist() == rows[1]["token_type_ids"]
-    assert collate([split[short]], tokenizer.pad_token_id)["input_ids"].shape == (1, lengths[0])  # dynamic
+    assert collate_packed([split[short]], tokenizer.pad_token_id)["input_ids"].shape == (1, lengths[0])  # dynamic
 
 
 def test_corpus_stats_counts_rows_tokens_documents(corpus):

@@ -13,7 +13,7 @@ def pair(minilm_dir):
     from transformers import AutoTokenizer
     from transformers import BertModel as HFBert
 
-    from tinybert.hub import load_model
+    from tinybert.checkpoint import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
     enc = tokenizer(["The quick brown fox jumps over the lazy dog.", "It rained."],

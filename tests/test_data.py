@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tinybert.data import (
     TASKS,
     DataError,
-    collate,
+    collate_labelled,
     get_task,
     length_grouped_batches,
     load_custom,
@@ -375,7 +375,7 @@ def test_tokenize_truncates_without_padding(tokenizer):
 def test_collate_dynamic_padding(tokenizer):
     rows = list(tokenize(toy_task(pair=False), tokenizer, 64)["train"])
     lengths = [len(r["input_ids"]) for r in rows]
-    batch = collate(rows, pad_token_id=tokenizer.pad_token_id)
+    batch = collate_labelled(rows, pad_token_id=tokenizer.pad_token_id)
     B, T = len(rows), max(lengths)
     assert batch["input_ids"].shape == batch["token_type_ids"].shape == batch["attention_mask"].shape == (B, T)
     assert T < 64  # padded to the longest row, not to max_seq_length
@@ -384,7 +384,7 @@ def test_collate_dynamic_padding(tokenizer):
     assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [0, 1, 1]
     assert "idx" not in batch
 
-    scores = collate(list(tokenize(toy_task(pair=True, regression=True), tokenizer, 64)["train"]))
+    scores = collate_labelled(list(tokenize(toy_task(pair=True, regression=True), tokenizer, 64)["train"]))
     assert scores["labels"].dtype == torch.float32 and scores["labels"].tolist() == [0.5, 2.0, 4.25]
 
 

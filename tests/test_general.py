@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 
 from launch import checkpoint_steps, kill_after_first_checkpoint, ok, records, tinybert  # tests/launch.py

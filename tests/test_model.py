@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 from transformers import BertConfig as HFConfig
 from transformers import BertModel as HFBert
 
-from tinybert.hub import load_model
+from tinybert.checkpoint import load_model
 from tinybert.model import PRESETS, Bert, BertConfig
 
 

@@ -2,6 +2,7 @@
 student fine-tuned on real SST-2 rows (with head) against transformers and tinybert's BERT under ONNX Runtime, int8
 predictions against fp32 on SST-2 dev, and one-line errors that leave the model and --output untouched."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +17,10 @@ from test_task import cli, snapshot  # tests/test_task.py: the CLI in this proce
 from tinybert import onnx_export
 from tinybert.bench import run_bench
 from tinybert.demo import format_summary
-from tinybert.hub import load_model, load_tokenizer, save_model
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 from tinybert.onnx_export import INT8_FILE, MODEL_FILE, RECORD_FILE, onnx_facts, run_session, session
+from tinybert.rundir import Bench
 
 for _module in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_module, reason=f"{_module} is not installed: pip install -e '.[onnx]' (make install does)")
@@ -184,31 +186,33 @@ def test_bench_onnxruntime_next_to_torch(student_export, student, tmp_path):
     lines = []
     report = run_bench(str(output), None, "cpu", "fp32", None, lines.append, engine="onnxruntime", seq_len=16,
                        throughput_batch=4, latency_repeats=2, throughput_repeats=2)
-    assert (report["model"]["engine"], report["model"]["dtype"]) == ("onnxruntime", "fp32")
-    assert (report["int8"]["engine"], report["int8"]["dtype"]) == ("onnxruntime", "int8")
-    assert report["vs"]["engine"] == "torch" and report["vs"]["model"] == str(student.resolve())
-    assert report["model"]["threads"] == report["int8"]["threads"] == report["vs"]["threads"] == torch.get_num_threads()
-    assert report["int8"]["size_on_disk_bytes"] == (output / INT8_FILE).stat().st_size
-    assert report["speedup"]["latency_speedup"] == pytest.approx(
-        report["vs"]["latency_ms_p50"] / report["model"]["latency_ms_p50"])
-    assert report["int8_speedup"]["throughput_speedup"] == pytest.approx(
-        report["int8"]["throughput_seq_per_s"] / report["model"]["throughput_seq_per_s"])
+    model, int8, torch_side = report.model, report.int8, report.vs
+    assert (model.engine, model.dtype) == ("onnxruntime", "fp32")
+    assert (int8.engine, int8.dtype) == ("onnxruntime", "int8")
+    assert torch_side.engine == "torch" and torch_side.model == str(student.resolve())
+    assert model.threads == int8.threads == torch_side.threads == torch.get_num_threads()
+    assert int8.size_on_disk_bytes == (output / INT8_FILE).stat().st_size
+    assert report.speedup["latency_speedup"] == pytest.approx(torch_side.latency_ms_p50 / model.latency_ms_p50)
+    assert report.int8_speedup["throughput_speedup"] == pytest.approx(
+        int8.throughput_seq_per_s / model.throughput_seq_per_s)
     table = lines[0]
     assert "torch fp32" in table and "onnxruntime int8" in table and "onnxruntime int8 vs fp32" in table
     assert json.loads((output / "bench.json").read_text())["int8"]["dtype"] == "int8"
+    assert Bench.read(output / "bench.json") == report  # the file reads back as the schema it was written from
+    assert onnx_facts(output)["speed"] == report
 
     # The demo's final table with these rows: ONNX Runtime fp32 and int8 columns beside torch's.
     record = json.loads((output / RECORD_FILE).read_text())
     served = {"parity_max_abs_diff": record["parity"]["max_abs_diff"], "int8_eval": record["int8"]["eval"],
-              "bench": {"fp32": report["model"], "int8": report["int8"]}, "path": str(output)}
+              "bench": {"fp32": dataclasses.asdict(model), "int8": dataclasses.asdict(int8)}, "path": str(output)}
     summary = {"accuracy": {"teacher": 0.9, "student": record["int8"]["eval"]["fp32"]},
-               "bench": {"teacher": report["vs"], "student": report["vs"]}, "speedup": report["speedup"],
-               "onnx": served, "minutes": 1.0}
+               "bench": {"teacher": dataclasses.asdict(torch_side), "student": dataclasses.asdict(torch_side)},
+               "speedup": report.speedup, "onnx": served, "minutes": 1.0}
     text = format_summary(summary, student)
     header, accuracy, _, latency = text.splitlines()[2:6]
     assert "student, ONNX Runtime fp32" in header and header.rstrip().endswith("student, ONNX Runtime int8")
     assert accuracy.split()[-1] == f"{record['int8']['eval']['int8']:.4f}"
-    assert latency.split()[-1] == f"{report['int8']['latency_ms_p50']:.1f}"
+    assert latency.split()[-1] == f"{int8.latency_ms_p50:.1f}"
     assert f"export in {output}" in text
 
 

@@ -9,7 +9,7 @@ import torch
 from tinybert import precision
 from tinybert.general import run_general
 from tinybert.recipe import load_recipe
-from tinybert.task import TaskData, run_finetune
+from tinybert.task import TaskSource, run_finetune
 
 
 @pytest.fixture()
@@ -75,7 +75,7 @@ def test_dry_runs_print_the_decision(cache, monkeypatch, minilm_dir, data_dir, t
                 corpus=[str(data_dir / "corpus" / "tinyshakespeare")], output=tmp_path / "g", dry_run=True,
                 echo=lines.append)
     run_finetune(load_recipe("finetune", ["max_train_examples=64", "max_eval_examples=32"]),
-                 TaskData(task="sst2", data_dir=str(data_dir / "glue")), model=str(minilm_dir), output=tmp_path / "f",
+                 TaskSource(task="sst2", data_dir=str(data_dir / "glue")), model=str(minilm_dir), output=tmp_path / "f",
                  dry_run=True, echo=lines.append)
     decisions = [line for line in lines if line.startswith("precision: ")]
     assert len(decisions) == 2 and all(line.startswith(f"precision: {expected} (auto: bf16 matmul {ratio:.1f}x")
@@ -90,8 +90,8 @@ def test_dry_runs_print_the_decision(cache, monkeypatch, minilm_dir, data_dir, t
 def test_bf16_run_with_a_bf16_teacher_matches_fp32_terms(minilm_dir, data_dir):
     """A bf16 run holds the frozen teacher in bf16 weights (train.teacher_dtype) and the student under autocast:
     every loss term of one real SST-2 batch within 1% (relative) of the fp32 run's; seen: <= 5e-4."""
+    from tinybert.checkpoint import load_model, load_tokenizer
     from tinybert.distill import Distiller
-    from tinybert.hub import load_model, load_tokenizer
     from tinybert.model import Bert, BertConfig
     from tinybert.recipe import build_recipe
     from tinybert.train import build_engine, teacher_dtype

@@ -21,10 +21,11 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 
-from tinybert.hub import load_model, load_tokenizer, save_model
 from tinybert.bench import benchmark, compare, machine
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 from tinybert.publish import PushError, model_card, push, read_bench
+from tinybert.rundir import Bench
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -203,8 +204,7 @@ def run(module_tmp, minilm_dir) -> Path:
                                intermediate_size=256)), runs / "teacher", tokenizer)
     quick = dict(seq_len=16, throughput_batch=4, latency_repeats=3, throughput_repeats=1)
     model, vs = benchmark(run / "best", **quick), benchmark(runs / "teacher", **quick)
-    (run / "bench.json").write_text(json.dumps({"model": model, "vs": vs, "speedup": compare(model, vs),
-                                                "machine": machine()}, default=str))  # run_bench's layout
+    Bench(model, vs, compare(model, vs), machine()).write(run / "bench.json")  # as run_bench writes it
     return run
 
 

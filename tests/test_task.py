@@ -20,13 +20,13 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tinybert import task as task_module
+from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.cli import main
 from tinybert.data import DataError, get_task, load_split_file
-from tinybert.hub import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 from tinybert.recipe import RecipeError, load_recipe
+from tinybert.rundir import RunDir
 from tinybert.task import for_task, logits_key, with_head
-from tinybert.train import checkpoints
 
 # 8 rows at batch 8: one optimizer step per epoch, one evaluation per epoch, on CPU in seconds.
 SMALL = ("max_train_examples=8", "max_eval_examples=8", "batch_size=8", "precision=fp32", "keep_checkpoints=2")
@@ -232,14 +232,15 @@ def test_resume_continues_in_stage2(finetuned, student_dir, glue, tmp_path):
     code, _, err = cli(*args)
     assert code == 0, err
     reference = load_file(run / "last" / "model.safetensors")
-    assert [c.name for c in checkpoints(run / "stage2")] == ["step-0000001", "step-0000002"]  # one per epoch
+    stage2 = RunDir(run).stage("stage2")
+    assert [c.name for c in stage2.checkpoints()] == ["step-0000001", "step-0000002"]  # one per epoch
 
     def drop_exports():  # what a run stopped in stage 2 has not written yet (best/ is written as it goes)
         shutil.rmtree(run / "last")
         (run / "metrics.json").unlink()
 
     # Stopped after stage-2 epoch 1: resumes from that checkpoint and ends with the same weights.
-    shutil.rmtree(checkpoints(run / "stage2")[-1])
+    shutil.rmtree(stage2.checkpoints()[-1])
     drop_exports()
     code, out, err = cli(*args, "--resume")
     assert code == 0, err

@@ -586,7 +586,7 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     settings=None takes the defaults, with N per task (DEFAULT_COPIES). Returns counts and timings."""
     import time
 
-    from tinybert.train import default_device, resolve_precision
+    from tinybert.train import decide_precision, default_device
 
     output = Path(output)
     if int(os.environ.get("RANK", "0")) != 0:  # under a launcher only rank 0 speaks
@@ -601,7 +601,7 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
         raise AugmentError(f"--output {output} is the train file itself; choose another --output")
     started = time.perf_counter()
     device = default_device()
-    precision = resolve_precision(settings.precision, device)
+    precision = decide_precision(settings.precision, device).precision
     masked_lm = (MaskedLM(mlm, device, precision, pair=settings.mlm_input == "pair")
                  if mlm is not None and settings.candidates_from != "vectors" else None)
     vectors = WordVectors.load(word_vectors, settings.vectors_limit) if word_vectors else None

@@ -56,7 +56,7 @@ def _check_output(output: Path, overwrite: bool):
 @app.command()
 def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybert-4l-312d, ...) or a model directory.")):
     """Show a model's config, parameter counts (embeddings / encoder / heads) and size on disk."""
-    from tinybert.hub import load_model
+    from tinybert.checkpoint import load_model
 
     bert = load_model(model)
     c = bert.config
@@ -92,7 +92,7 @@ def init(
     """Write a new student: randomly initialised from a preset, or copied from chosen teacher layers."""
     import torch
 
-    from tinybert.hub import init_from_teacher, load_model, load_tokenizer, save_model
+    from tinybert.checkpoint import init_from_teacher, load_model, load_tokenizer, save_model
     from tinybert.model import Bert, BertConfig
 
     _check_output(output, overwrite)
@@ -132,14 +132,14 @@ TEXT_COLUMNS_OPTION = typer.Option(None, help="Custom task: one or two text colu
 LABEL_COLUMN_OPTION = typer.Option("label", help="Custom task: the label column.")
 
 
-def _task_data(task, data_dir, train, validation, text_columns, label_column, augmented=None):
-    from tinybert.task import TaskData
+def _task_source(task, data_dir, train, validation, text_columns, label_column, augmented=None):
+    from tinybert.task import TaskSource
 
     if (task is None) == (train is None):
         raise click_errors.UsageError("give either --task NAME (GLUE) or --train FILE --validation FILE "
                                       "--text-columns ... (your own task)")
     columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
-    return TaskData(task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
+    return TaskSource(task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
                     validation=str(validation) if validation else None, text_columns=columns,
                     label_column=label_column, augmented=str(augmented) if augmented else None)
 
@@ -174,7 +174,7 @@ def distill(
 
         if student is None:
             raise click_errors.UsageError("task distillation needs --student DIR (usually a general-distilled one)")
-        data = _task_data(task, data_dir, train, validation, text_columns, label_column, augmented)
+        data = _task_source(task, data_dir, train, validation, text_columns, label_column, augmented)
         run_task(loaded, data, teacher=str(teacher), student=student, output=output, resume=resume,
                  overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
     elif loaded.recipe == "general":
@@ -215,7 +215,7 @@ def finetune(
     if loaded.recipe != "finetune":
         raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; finetune runs finetune "
                                       f"recipes")
-    data = _task_data(task, data_dir, train, validation, text_columns, label_column)
+    data = _task_source(task, data_dir, train, validation, text_columns, label_column)
     run_finetune(loaded, data, model=model, output=output, tokenizer=str(tokenizer) if tokenizer else None,
                  resume=resume, overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
 
@@ -244,7 +244,7 @@ def evaluate(
 
     from tinybert.task import format_results, run_eval
 
-    data = _task_data(task, data_dir, train, validation, text_columns, label_column)
+    data = _task_source(task, data_dir, train, validation, text_columns, label_column)
     report = run_eval(data, str(model), split=split, max_seq_length=max_seq_length, batch_size=batch_size,
                       max_examples=max_examples, predictions=predictions, submission_dir=submission_dir)
     if json_path == "-":

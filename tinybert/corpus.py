@@ -303,11 +303,11 @@ def _pieces(ids: list[int], span: int) -> list[list[int]]:
 # Batches and statistics
 
 
-def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad packed rows to the longest row of the batch. Returns int64 `input_ids`, `token_type_ids` and
     `attention_mask` (1 on tokens, 0 on padding), each (B, T)."""
     if not features:
-        raise ValueError("collate needs at least one row")
+        raise ValueError("collate_packed needs at least one row")
     B, T = len(features), max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     token_type_ids = torch.zeros((B, T), dtype=torch.long)

@@ -347,7 +347,7 @@ def load_custom(
     if train_labels is None:
         raise DataError(f"{files['train']}: no label column {label_column!r}")
     if regression is None:
-        regression = all(_is_number(v) for v in train_labels) and any(float(v) % 1 for v in train_labels)
+        regression = all(_parses_as_number(v) for v in train_labels) and any(float(v) % 1 for v in train_labels)
     if regression:
         label_names = None
     else:
@@ -469,7 +469,8 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
         yield loc, item
 
 
-def _is_number(value) -> bool:
+def _parses_as_number(value) -> bool:
+    """A label that reads as a finite number: 0.8 or "0.8" (a CSV cell); not a bool."""
     if isinstance(value, bool):
         return False
     try:
@@ -518,7 +519,7 @@ def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, max_seq_length: int)
     return datasets.DatasetDict(out)
 
 
-def collate(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+def collate_labelled(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Rows of `tokenize` -> a batch padded to its longest row (dynamic padding).
 
     input_ids, token_type_ids, attention_mask: (B, T) long, T = longest row; padding is pad_token_id, 0 and 0.

@@ -10,13 +10,14 @@ the bundled recipes run the same code at full size.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
 import time
 from pathlib import Path
 
-from tinybert.hub import CheckpointError, init_from_teacher, load_model, load_tokenizer, save_model
+from tinybert.checkpoint import CheckpointError, init_from_teacher, load_model, load_tokenizer, save_model
 
 # The demo's size: seconds per piece on a 2-core CPU are in docs/results.md.
 TRAIN_EXAMPLES = 8000
@@ -77,12 +78,13 @@ def run_demo(output: Path, echo=print) -> dict:
     from tinybert.bench import benchmark, compare
     from tinybert.publish import model_card
     from tinybert.recipe import load_recipe
-    from tinybert.task import TaskData, run_eval, run_finetune, run_task
+    from tinybert.rundir import BENCH, Bench
+    from tinybert.task import TaskSource, run_eval, run_finetune, run_task
 
     output = Path(output)
     started = time.perf_counter()
     teacher_dir = bundled_teacher()
-    data = TaskData(task="sst2", data_dir=glue_dir())
+    data = TaskSource(task="sst2", data_dir=glue_dir())
     echo(f"[1/7] teacher {teacher_dir}\n      data: SST-2 from {data.data_dir or 'the Hugging Face hub'}, "
          f"{TRAIN_EXAMPLES} training sentences, the full dev set")
     limit = [f"max_train_examples={TRAIN_EXAMPLES}"]
@@ -105,10 +107,10 @@ def run_demo(output: Path, echo=print) -> dict:
     echo("[5/7] evaluating and benchmarking both on the CPU")
     scores = {name: run_eval(data, str(path))["results"]["validation"]["accuracy"]
               for name, path in (("teacher", teacher_ft), ("student", student))}
-    bench = {name: benchmark(path) for name, path in (("teacher", teacher_ft), ("student", student))}
-    speedup = compare(bench["student"], bench["teacher"])
-    (student / "bench.json").write_text(json.dumps(
-        {"model": bench["student"], "vs": bench["teacher"], "speedup": speedup}, indent=2) + "\n")
+    sides = {name: benchmark(path) for name, path in (("teacher", teacher_ft), ("student", student))}
+    speedup = compare(sides["student"], sides["teacher"])
+    Bench(model=sides["student"], vs=sides["teacher"], speedup=speedup).write(student / BENCH)
+    bench = {name: dataclasses.asdict(side) for name, side in sides.items()}
 
     echo("[6/7] exporting the student to ONNX (fp32 and int8) and timing it under ONNX Runtime")
     served = onnx_slice(student, output / "student-onnx", data, echo)
@@ -160,7 +162,8 @@ def onnx_slice(student: Path, output: Path, data, echo) -> dict | None:
     record = export_onnx(student, output, quantize="int8", task="sst2", data_dir=data.data_dir, overwrite=True,
                          echo=lambda m: echo("      " + m))
     return {"parity_max_abs_diff": record["parity"]["max_abs_diff"], "int8_eval": record["int8"]["eval"],
-            "bench": {"fp32": benchmark_onnx(output, MODEL_FILE), "int8": benchmark_onnx(output, INT8_FILE)},
+            "bench": {dtype: dataclasses.asdict(benchmark_onnx(output, file))
+                      for dtype, file in (("fp32", MODEL_FILE), ("int8", INT8_FILE))},
             "path": str(output)}
 
 

@@ -5,12 +5,18 @@ MiniLM (Wang et al., 2020) and MiniLMv2 (Wang et al., 2021): attention-distribut
 """
 
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
 from tinybert.losses import (
+    LAYER_TERMS,
+    LOSS_TERMS,
+    MINILM_TERMS,
+    RELATION_TERMS,
     LayerMapError,
+    Prediction,
     attention_kl,
     attention_mse,
     check_relation_heads,
@@ -23,13 +29,6 @@ from tinybert.losses import (
     soft_cross_entropy,
 )
 from tinybert.model import Bert
-
-TERMS = ("embedding", "hidden", "attention", "prediction",
-         "attention_relation", "value_relation", "q_relation", "k_relation", "v_relation")
-LAYER_MAP_TERMS = ("embedding", "hidden", "attention")  # TinyBERT's: compared through the layer map
-MINILM_TERMS = ("attention_relation", "value_relation")  # MiniLM (v1): head by head, head counts must match
-RELATION_TERMS = {"q_relation": 0, "k_relation": 1, "v_relation": 2}  # MiniLMv2: index into the layer's (q, k, v)
-PREDICTIONS = ("soft", "mse", "mse_teacher", "hard")
 
 
 class Projections(nn.Module):
@@ -71,7 +70,7 @@ class Distiller(nn.Module):
         student: Bert,
         layer_map: str | list[int],
         *,
-        terms: Iterable[str] = ("embedding", "hidden", "attention"),
+        terms: Iterable[str] = LAYER_TERMS,
         attention_mode: str = "masked",
         prediction: str = "soft",
         temperature: float = 1.0,
@@ -82,11 +81,11 @@ class Distiller(nn.Module):
     ):
         super().__init__()
         terms = tuple(terms)
-        unknown = [t for t in terms if t not in TERMS]
+        unknown = [t for t in terms if t not in LOSS_TERMS]
         if unknown or not terms:
-            raise ValueError(f"loss terms {list(terms)} are invalid; choose among {', '.join(TERMS)}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+            raise ValueError(f"loss terms {list(terms)} are invalid; choose among {', '.join(LOSS_TERMS)}")
+        if prediction not in get_args(Prediction):
+            raise ValueError(f"prediction {prediction!r} is unknown; choose one of {', '.join(get_args(Prediction))}")
         if attention_mode not in ("masked", "original") or soft_mode not in ("original", "batchmean"):
             raise ValueError(f"attention_mode {attention_mode!r} must be 'masked' or 'original' and soft_mode "
                              f"{soft_mode!r} 'original' or 'batchmean'")
@@ -95,7 +94,7 @@ class Distiller(nn.Module):
             raise ValueError("the 'prediction' term needs a student with a head (num_labels > 0)")
         # The layer map is resolved only where a term uses it: a relation-only run needs no map between depths.
         self.layer_map = None
-        if any(t in terms for t in LAYER_MAP_TERMS) or teacher_layer == "map":
+        if any(t in terms for t in LAYER_TERMS) or teacher_layer == "map":
             self.layer_map = resolve_layer_map(
                 layer_map, tc.num_hidden_layers, sc.num_hidden_layers, teacher_heads=tc.num_attention_heads,
                 student_heads=sc.num_attention_heads, attention="attention" in terms,

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from tinybert.corpus import build_corpus, collate, corpus_stats
+from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
+from tinybert.corpus import build_corpus, collate_packed, corpus_stats
 from tinybert.distill import Distiller
-from tinybert.hub import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.model import PRESETS, Bert, BertConfig
 from tinybert.recipe import Recipe
+from tinybert.rundir import RunDir
 from tinybert.train import (
     Stage,
     TrainingError,
@@ -29,9 +30,6 @@ from tinybert.train import (
     total_steps,
     write_recipe,
 )
-
-
-GENERAL_FILES = ("checkpoints", "log.jsonl", "tensorboard", "student", "recipe.yaml")
 
 
 def build_student(student: str | None, teacher: Bert) -> Bert:
@@ -85,9 +83,9 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
                 resume: bool = False, overwrite: bool = False, dry_run: bool = False, progress: bool = True,
                 echo=print) -> Path | None:
     """Distil `teacher` into `student` on `corpus`; returns the exported student directory (None on a dry run)."""
-    output = Path(output)
+    run_dir = RunDir(output)
     if not dry_run:
-        check_output(output, GENERAL_FILES, resume=resume, overwrite=overwrite, needs_checkpoint=True)
+        check_output(run_dir, "general", resume=resume, overwrite=overwrite, needs_checkpoint=True)
     run = start_run(recipe, dry_run=dry_run)
     say = run.say(echo)
     teacher_model = load_model(teacher)
@@ -110,12 +108,11 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
         order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(recipe.seed + epoch))
         return [order[i:i + micro].tolist() for i in range(0, len(order) - micro + 1, micro)]
 
-    pad = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    pad = partial(collate_packed, pad_token_id=tokenizer.pad_token_id)
     heldout = data["heldout"]
-    heldout_batches = [list(range(i, min(i + micro, len(heldout)))) for i in range(0, len(heldout), micro)]
     stage = Stage(
         name="general", module=distiller, weights=terms, dataset=data["train"], plan=plan, collate=pad,
-        evaluate=(lambda module: average_terms(module, heldout, heldout_batches, pad, run.device,
+        evaluate=(lambda module: average_terms(module, heldout, micro, pad, run.device,
                                                recipe.precision, terms)) if len(heldout) else None,
     )
     steps = total_steps(stage, recipe)
@@ -125,16 +122,16 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
 
     def start():
         if overwrite and not resume:
-            clear_output(output, GENERAL_FILES)
-        write_recipe(output, {**recipe.to_dict(), "teacher": str(teacher), "student": student,
+            clear_output(run_dir, "general")
+        write_recipe(run_dir, {**recipe.to_dict(), "teacher": str(teacher), "student": student,
                               "corpus": [str(c) for c in corpus], "precision_decision": verdict.to_dict()})
 
     teacher_model.to(run.device, teacher_dtype(recipe.precision))
-    engine = run_stage(stage, recipe, output, steps, run.device, resume=resume, on_start=start, progress=progress,
+    engine = run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, on_start=start, progress=progress,
                        echo=say)
     if not run.main:
         return None
-    final = output / "student"
+    final = run_dir.student
     weights = {k: v.float() for k, v in engine.module.student.state_dict().items()}
     export = Bert(student_model.config)
     export.load_state_dict(weights)

@@ -7,9 +7,26 @@ and MiniLMv2 (Wang et al., 2021, section 3: query, key and value relations over 
 
 import math
 import numbers
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+
+# The one list of loss terms: recipes weight them (`terms:`), the distiller returns them, logs and model cards name
+# them. TinyBERT's (section 3.1): the layer terms distil the intermediate layers through the layer map (general
+# distillation, task stage 1), then the prediction term. MiniLM's (v1): attention distributions and value relations,
+# head by head, so head counts must match. MiniLMv2's: query, key and value relations over relation heads, each with
+# its index into a layer's (q, k, v).
+LayerTerm = Literal["embedding", "hidden", "attention"]
+MiniLMTerm = Literal["attention_relation", "value_relation"]
+RelationTerm = Literal["q_relation", "k_relation", "v_relation"]
+LossTerm = Literal[LayerTerm, "prediction", MiniLMTerm, RelationTerm]
+LOSS_TERMS: tuple[LossTerm, ...] = get_args(LossTerm)
+LAYER_TERMS: tuple[LayerTerm, ...] = get_args(LayerTerm)
+MINILM_TERMS: tuple[MiniLMTerm, ...] = get_args(MiniLMTerm)
+RELATION_TERMS: dict[RelationTerm, int] = {term: i for i, term in enumerate(get_args(RelationTerm))}
+# What the prediction term compares: soft teacher targets, gold scores, the teacher's scores, gold labels.
+Prediction = Literal["soft", "mse", "mse_teacher", "hard"]
 
 
 class LayerMapError(ValueError):

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinybert.hub import load_model, load_tokenizer
+from tinybert.checkpoint import load_model, load_tokenizer
+from tinybert.rundir import BENCH, Bench
 
 # File names as optimum writes them, so `ORTModelFor*.from_pretrained(DIR)` finds them.
 MODEL_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model_quantized.onnx", "onnx_export.json"
@@ -249,7 +250,7 @@ def load_dev(model_dir: Path, task: str | None, data_dir: str | None, tokenizer)
     """(Task, tokenized first dev split, note) for the int8 score; (None, None, why not) when no task is named or,
     for a task read from the run or card, its files are not here. A task named with --task must load."""
     from tinybert.data import TASKS, tokenize
-    from tinybert.task import TaskData
+    from tinybert.task import TaskSource
 
     name, source = named_task(model_dir, task)
     if name is None:
@@ -265,7 +266,7 @@ def load_dev(model_dir: Path, task: str | None, data_dir: str | None, tokenizer)
             return None, None, f"task {name} from {source}, but no GLUE files here (give --data-dir)"
     import datasets
 
-    task, raw = TaskData(task=name, data_dir=data_dir).load(("dev",))
+    task, raw = TaskSource(task=name, data_dir=data_dir).load(("dev",))
     split = task.dev_splits[0]
     dev = tokenize(datasets.DatasetDict({split: raw[split]}), tokenizer, task.max_seq_length)[split]
     return task, dev, f"{task.name} {split} ({len(dev)} rows; task from {source})"
@@ -397,8 +398,8 @@ def _move_in(tmp: Path, output: Path, stale: tuple[str, ...]) -> None:
 
 def onnx_facts(export_dir: str | os.PathLike) -> dict | None:
     """What a model card says about an ONNX export folder: the parity figure, the int8 score against fp32, the
-    measured speed (bench.json from `tinybert bench DIR --engine onnxruntime`, when there is one) and the lines of
-    an ONNX Runtime usage snippet. None when the folder holds no export record."""
+    measured speed (bench.json from `tinybert bench DIR --engine onnxruntime` as a `rundir.Bench`, when there is
+    one) and the lines of an ONNX Runtime usage snippet. None when the folder holds no export record."""
     export_dir = Path(export_dir)
     path = export_dir / RECORD_FILE
     if not path.is_file():
@@ -408,10 +409,7 @@ def onnx_facts(export_dir: str | os.PathLike) -> dict | None:
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON ({e}); export again") from None
     int8 = record.get("int8") or {}
-    speed = None
-    if (export_dir / "bench.json").is_file():
-        bench = json.loads((export_dir / "bench.json").read_text())
-        speed = {k: bench.get(k) for k in ("model", "int8", "vs", "speedup", "int8_speedup", "machine")}
+    speed = Bench.read(export_dir / BENCH) if (export_dir / BENCH).is_file() else None
     name = export_dir.name
     usage = [
         "import numpy as np",

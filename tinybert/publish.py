@@ -7,6 +7,7 @@ recipe (layer map, loss weights and modes, temperature, data), evaluation result
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from tinybert.hub import CheckpointError, load_model, read_config
-from tinybert.report import read_log, run_logs
+from tinybert.checkpoint import CheckpointError, load_model, read_config
+from tinybert.losses import LAYER_TERMS, LOSS_TERMS
+from tinybert.report import read_log
+from tinybert.rundir import BENCH, BEST, LAST, STAGE1, STAGE2, STUDENT, Bench, Metrics, RunDir, is_finite_number
 
-LOSS_TERMS = ("embedding", "hidden", "attention", "prediction",
-              "attention_relation", "value_relation", "q_relation", "k_relation", "v_relation")
 STAGE_TITLES = {
     "general": "General distillation (TinyBERT section 3.2, on raw text)",
     "stage1": "Task distillation, stage 1: intermediate layers",
@@ -28,7 +29,7 @@ STAGE_TITLES = {
     "finetune": "Fine-tuning",
 }
 # The stages a recipe runs, for runs whose log.jsonl is missing.
-RECIPE_STAGES = {"general": ("general",), "task": ("stage1", "stage2"), "finetune": ("finetune",)}
+RECIPE_STAGES = {"general": ("general",), "task": (STAGE1, STAGE2), "finetune": ("finetune",)}
 # Recipe keys that say which data a stage saw (those of future recipes are shown as they come).
 DATA_KEYS = ("corpus", "task", "data_dir", "train_file", "validation_file", "dataset")
 GLUE_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
@@ -56,7 +57,7 @@ class Run:
     path: Path
     recipe: dict
     records: list[dict]
-    metrics: object | None  # metrics.json as written by a task run, if any
+    metrics: Metrics | None  # metrics.json of a fine-tuning or task-distillation run
 
     def recipe_for(self, stage: str) -> dict:
         """The recipe of one stage: a task distillation's recipe.yaml holds one per stage (stage1:, stage2:) beside
@@ -79,7 +80,8 @@ def read_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"run directory {path} does not exist")
-    recipe_file, logs, metrics_file = path / "recipe.yaml", run_logs(path), path / "metrics.json"
+    run_dir = RunDir(path)
+    recipe_file, logs = run_dir.recipe, run_dir.logs()
     if not recipe_file.is_file() and not logs:
         raise ValueError(f"{path} holds neither recipe.yaml nor log.jsonl; give a run directory written by "
                          f"tinybert distill or finetune")
@@ -89,19 +91,14 @@ def read_run(path: str | os.PathLike) -> Run:
             recipe = yaml.safe_load(recipe_file.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{recipe_file} is not valid YAML ({str(e).splitlines()[0]})") from None
-    metrics = None
-    if metrics_file.is_file():
-        try:
-            metrics = json.loads(metrics_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{metrics_file} is not valid JSON ({e})") from None
+    metrics = Metrics.read(run_dir.metrics) if run_dir.metrics.is_file() else None
     return Run(path, recipe if isinstance(recipe, dict) else {}, [r for log in logs for r in read_log(log)], metrics)
 
 
 def _run_of(directory: Path) -> Path | None:
     """The run a model directory was exported into: RUN/student, RUN/best, RUN/last, RUN/stage1/student."""
     for parent in list(directory.resolve().parents)[:2]:
-        if (parent / "recipe.yaml").is_file():
+        if RunDir(parent).recipe.is_file():
             return parent
     return None
 
@@ -114,7 +111,7 @@ def _default_run_dirs(model_dir: Path) -> list[Path]:
     while run is not None and run not in runs and len(runs) < 8:
         runs.insert(0, run)
         try:
-            recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
+            recipe = yaml.safe_load(RunDir(run).recipe.read_text()) or {}
         except yaml.YAMLError:
             break
         start = (recipe.get("student") or recipe.get("model")) if isinstance(recipe, dict) else None
@@ -137,10 +134,6 @@ class Result:
 SPLIT_NAMES = ("train", "validation", "validation_matched", "validation_mismatched", "dev", "eval", "test")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def normalise_results(raw, *, task: str | None = None, split: str = "validation") -> list[Result]:
     """Evaluation results in the shapes task runs and users write them:
     {"accuracy": 0.9}, {"task": "sst2", "split": "validation", "metrics": {...}}, {"sst2": {"accuracy": 0.9}},
@@ -161,9 +154,9 @@ def normalise_results(raw, *, task: str | None = None, split: str = "validation"
     split = str(raw.get("split", split))
     dataset = raw.get("dataset") if isinstance(raw.get("dataset"), str) else None
     if isinstance(raw.get("metrics"), dict):
-        found = {k: float(v) for k, v in raw["metrics"].items() if _is_number(v)}
+        found = {k: float(v) for k, v in raw["metrics"].items() if is_finite_number(v)}
         return [Result(task, split, found, dataset)] if found else []
-    flat = {k: float(v) for k, v in raw.items() if _is_number(v) and k not in ("step", "epoch")}
+    flat = {k: float(v) for k, v in raw.items() if is_finite_number(v) and k not in ("step", "epoch")}
     results = [Result(task, split, flat, dataset)] if flat else []
     for key, value in raw.items():
         if isinstance(value, dict):
@@ -181,19 +174,18 @@ def _dev_splits(task: str) -> tuple[str, ...]:
 
 
 def run_results(run: Run, model_dir: Path) -> list[Result]:
-    """The scores of `model_dir` in its run's metrics.json. Task runs write {"task", "main_metric", "best": {...},
-    "last": {...}, "history": [...]} and export best/ and last/: the model directory's name picks the record
-    (best unless it is last/). Metrics of a second dev split are keyed "split/metric" (MNLI mismatched)."""
+    """The scores of `model_dir` in its run's metrics.json: the record of last/ for last/, else best/'s. Metrics of
+    a second dev split are keyed "split/metric" (MNLI mismatched)."""
     m = run.metrics
-    if not (isinstance(m, dict) and any(isinstance(m.get(k), dict) for k in ("best", "last"))):
-        return normalise_results(m, task=run.recipe.get("task"))
-    which = "last" if model_dir.resolve().name == "last" else "best"
-    chosen = m.get(which) if isinstance(m.get(which), dict) else {}
-    task = str(m.get("task") or run.recipe.get("task") or "custom")
+    if m is None:
+        return []
+    which = LAST if model_dir.resolve().name == LAST else BEST
+    chosen = (m.last if which == LAST else m.best) or {}
+    task = str(m.task or run.recipe.get("task") or "custom")
     source = f"the {which} checkpoint ({chosen.get('stage', 'run')} step {chosen.get('step', '?')}), metrics.json"
     by_split: dict[str, dict[str, float]] = {}
     for key, value in chosen.items():
-        if _is_number(value) and key not in ("step", "epoch", "loss"):
+        if is_finite_number(value) and key not in ("step", "epoch", "loss"):
             split, _, name = key.rpartition("/")
             by_split.setdefault(split or _dev_splits(task)[0], {})[name] = float(value)
     return [Result(task, split, metrics, source=source) for split, metrics in by_split.items()]
@@ -218,55 +210,32 @@ def _eval_result(result: Result, metric: str, value: float):
 # ------------------------------------------------------------------------------------------------------ bench
 
 
-def _pick(d: dict, *names: str):
-    for name in names:
-        if _is_number(d.get(name)):
-            return float(d[name])
-    return None
-
-
 def read_bench(bench) -> dict | None:
-    """Figures from `tinybert bench MODEL --vs TEACHER` (its bench.json, or the dict): {"model": {...}, "vs":
-    {...}, "speedup": {"latency_speedup", "throughput_speedup", ...}, "machine": {...}}. Shorter hand-written
-    forms work too: sides with p50_ms / p95_ms / throughput, and "speedup" as one number (latency)."""
+    """The card's view of a bench result (a `rundir.Bench`, the path of a bench.json, or its dict; see
+    `Bench.read`): the figures of each side, the speed-ups (from the sides where the file gives none) and the
+    conditions of the measurement."""
     if bench is None:
         return None
-    if isinstance(bench, (str, os.PathLike)):
-        try:
-            bench = json.loads(Path(bench).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"bench file {bench}: {type(e).__name__}: {e}") from None
-    if not isinstance(bench, dict) or not isinstance(bench.get("model"), dict):
-        raise ValueError("a bench result must be a mapping with 'model' (and 'vs'), as `tinybert bench` writes")
+    if not isinstance(bench, Bench):
+        bench = Bench.read(bench)
 
-    def side(d):
-        if not isinstance(d, dict):
-            return None
-        return {
-            "name": d.get("name") or d.get("model"),
-            "p50": _pick(d, "latency_ms_p50", "p50_ms", "latency_p50_ms", "p50"),
-            "p95": _pick(d, "latency_ms_p95", "p95_ms", "latency_p95_ms", "p95"),
-            "throughput": _pick(d, "throughput_seq_per_s", "throughput", "sequences_per_s"),
-            "params": _pick(d, "parameters", "params", "num_parameters"),
-        }
+    def side(s):
+        figure = lambda x: None if x is None else float(x)  # noqa: E731
+        return None if s is None else {"name": s.model, "p50": figure(s.latency_ms_p50),
+                                       "p95": figure(s.latency_ms_p95),
+                                       "throughput": figure(s.throughput_seq_per_s), "params": figure(s.parameters)}
 
-    model, vs = side(bench["model"]), side(bench.get("vs"))
-    raw = bench.get("speedup")
-    if isinstance(raw, dict):
-        speedup = {"latency": _pick(raw, "latency_speedup", "latency"),
-                   "throughput": _pick(raw, "throughput_speedup", "throughput")}
-    else:
-        speedup = {"latency": float(raw) if _is_number(raw) else None, "throughput": None}
+    model, vs = side(bench.model), side(bench.vs)
+    given = bench.speedup or {}
+    speedup = {"latency": given.get("latency_speedup"), "throughput": given.get("throughput_speedup")}
     if speedup["latency"] is None and vs and model["p50"] and vs["p50"]:
         speedup["latency"] = vs["p50"] / model["p50"]
     if speedup["throughput"] is None and vs and model["throughput"] and vs["throughput"]:
         speedup["throughput"] = model["throughput"] / vs["throughput"]
-    # Conditions of the measurement: on the sides (tinybert bench) or at the top (hand-written), and the machine.
-    where = {**{k: v for k, v in bench.items() if isinstance(v, (str, int, float))}, **bench["model"],
-             **(bench.get("machine") if isinstance(bench.get("machine"), dict) else {})}
-    labels = {"device": "device", "dtype": "precision", "precision": "precision", "seq_len": "sequence length",
-              "batch_size": "batch", "throughput_batch": "throughput batch", "threads": "threads", "cpu": "CPU",
-              "gpu": "GPU", "date": "measured"}
+    where = {**dataclasses.asdict(bench.model), **(bench.machine or {})}
+    labels = {"device": "device", "dtype": "precision", "seq_len": "sequence length",
+              "throughput_batch": "throughput batch", "threads": "threads", "cpu": "CPU", "gpu": "GPU",
+              "date": "measured"}
     setting = {label: where[key] for key, label in labels.items() if where.get(key) not in (None, "")}
     return {"model": model, "vs": vs, "speedup": speedup, "setting": setting}
 
@@ -363,7 +332,7 @@ def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
     for key, value in recipe.items():
         if "augment" in key and value not in (None, False, ""):
             lines.append(f"{key.replace('_', ' ')}: `{value}`")
-    if any(t in terms for t in ("embedding", "hidden", "attention")):
+    if any(t in terms for t in LAYER_TERMS):
         layer_map = recipe.get("layer_map")
         if layer_map == "uniform":
             layer_map = _uniform_map(recipe.get("teacher"), student_layers) or layer_map
@@ -394,14 +363,15 @@ def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
     if any(optim):
         lines.append("optimisation: " + ", ".join(x for x in optim if x))
     train = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "train"]
-    if train and _is_number(train[-1].get("loss")):
+    if train and is_finite_number(train[-1].get("loss")):
         last = train[-1]
-        parts = [f"{t} {_fmt(last[t])}" for t in terms if _is_number(last.get(t))]
+        parts = [f"{t} {_fmt(last[t])}" for t in terms if is_finite_number(last.get(t))]
         lines.append(f"last training loss: {_fmt(last['loss'])}" + (f" ({', '.join(parts)})" if parts else ""))
     evals = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "eval"]
     if evals:
         last = evals[-1]
-        values = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if _is_number(v) and k not in ("step", "epoch"))
+        values = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items()
+                           if is_finite_number(v) and k not in ("step", "epoch"))
         lines.append(f"last held-out evaluation (step {last.get('step')}): {values}")
     return lines
 
@@ -440,8 +410,8 @@ def model_card(
     found = run_results(runs[-1], model_dir) if runs else []
     found += normalise_results(results)
     found = [r for r in found if r.metrics]
-    if bench is None and (model_dir / "bench.json").is_file():  # where `tinybert bench MODEL` writes by default
-        bench = model_dir / "bench.json"
+    if bench is None and (model_dir / BENCH).is_file():  # where `tinybert bench MODEL` writes by default
+        bench = model_dir / BENCH
     bench = read_bench(bench)
 
     datasets = []
@@ -458,7 +428,7 @@ def model_card(
     metric_names = list(dict.fromkeys(METRIC_TYPES.get(m, m) for r in found for m in r.metrics))
 
     name = (repo_id or model_dir.resolve().name).split("/")[-1]
-    if name in ("student", "best", "last") and runs:  # RUN/best: the run names the model
+    if name in (STUDENT, BEST, LAST) and runs:  # RUN/best: the run names the model
         name = runs[-1].path.resolve().name
     tags = ["tinybert", "distillation", "bert"] + (["text-classification"] if config.num_labels else [])
     data = ModelCardData(

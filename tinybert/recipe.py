@@ -17,8 +17,11 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from tinybert.losses import LOSS_TERMS, LossTerm, Prediction
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -31,7 +34,7 @@ class RecipeError(ValueError):
 class Recipe:
     """Every key a recipe may set; the YAML files in recipes/ document each one."""
 
-    recipe: str = "general"  # general | task | finetune
+    recipe: Literal["general", "task", "finetune"] = "general"
     seed: int = 42
     max_seq_length: typing.Optional[int] = 128  # null: the task's (paper: 64 single sentence, 128 pairs)
     # Optimisation. batch_size is the global batch of one optimizer step; each micro-batch holds
@@ -49,15 +52,15 @@ class Recipe:
     max_steps: int = 0  # > 0 overrides epochs
     max_grad_norm: float = 1.0
     # auto = bf16 where it is the fast path (CUDA with bf16, CPUs with AMX), fp32 elsewhere; bf16 = autocast.
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Distillation.
     layer_map: typing.Union[str, list[int]] = "uniform"
-    terms: dict = field(default_factory=lambda: {"embedding": 1.0, "hidden": 1.0, "attention": 1.0})
-    attention_mode: str = "masked"  # masked | original
+    terms: dict[LossTerm, float] = field(default_factory=lambda: {"embedding": 1.0, "hidden": 1.0, "attention": 1.0})
+    attention_mode: Literal["masked", "original"] = "masked"
     shared_projection: bool = False
-    prediction: str = "soft"  # soft | mse | mse_teacher | hard
+    prediction: Prediction = "soft"
     temperature: float = 1.0
-    soft_mode: str = "original"  # original | batchmean
+    soft_mode: Literal["original", "batchmean"] = "original"
     # MiniLM relation terms: teacher_layer null = the teacher's last layer teaches the student's last; an int = that
     # teacher layer; "map" = every student layer j learns teacher layer layer_map[j]. relation_heads (q/k/v_relation
     # only) must divide both widths.
@@ -80,15 +83,9 @@ class Recipe:
     stage2: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        choices = {
-            "recipe": ("general", "task", "finetune"),
-            "precision": ("auto", "bf16", "fp32"),
-            "attention_mode": ("masked", "original"),
-            "prediction": ("soft", "mse", "mse_teacher", "hard"),
-            "soft_mode": ("original", "batchmean"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
+        for key, hint in typing.get_type_hints(Recipe).items():  # the keys that take one of a fixed set of strings
+            allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+            if allowed and getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "relation_heads")
         for key in positive:
@@ -111,11 +108,9 @@ class Recipe:
                 isinstance(self.teacher_layer, int) and self.teacher_layer < 1):
             raise RecipeError(f"recipe key teacher_layer: {self.teacher_layer!r} is not a teacher layer; give a "
                               f"layer number from 1, null (the teacher's last) or 'map'")
-        known_terms = ("embedding", "hidden", "attention", "prediction",
-                       "attention_relation", "value_relation", "q_relation", "k_relation", "v_relation")
         for term, weight in self.terms.items():
-            if term not in known_terms:
-                raise RecipeError(f"recipe key terms.{term}: unknown loss term; use {', '.join(known_terms)}")
+            if term not in LOSS_TERMS:
+                raise RecipeError(f"recipe key terms.{term}: unknown loss term; use {', '.join(LOSS_TERMS)}")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise RecipeError(f"recipe key terms.{term}: weight must be a number, got {weight!r}")
         for name in STAGES:
@@ -163,6 +158,8 @@ def _matches(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin is typing.Union:
         return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is Literal:  # a string here; Recipe.__post_init__ says which strings
+        return isinstance(value, str)
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -182,6 +179,8 @@ def _matches(value, hint) -> bool:
 def _type_name(hint) -> str:
     if typing.get_origin(hint) is typing.Union:
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "str"
     return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
 
 

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from tinybert.rundir import STAGE1, STAGE2, RunDir, is_finite_number
+
 SCHEDULE = {"lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
             "tokens_per_s": "throughput (tokens/s)"}
 NOT_PLOTTED = ("stage", "kind", "step", "epoch")
@@ -40,29 +42,19 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
-def run_logs(run_dir: Path) -> list[Path]:
-    """A run's log files: RUN/log.jsonl, and those of its stages (a task distillation keeps stage1/log.jsonl and
-    stage2/log.jsonl)."""
-    logs = [run_dir / "log.jsonl"] + sorted(run_dir.glob("*/log.jsonl"))
-    return [log for log in logs if log.is_file()]
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _keys(records: list[dict], exclude=()) -> list[str]:
     """Numeric keys in order of first appearance, `loss` (the weighted sum) first."""
     keys = []
     for r in records:
         for k, v in r.items():
-            if k not in NOT_PLOTTED and k not in exclude and k not in keys and _number(v):
+            if k not in NOT_PLOTTED and k not in exclude and k not in keys and is_finite_number(v):
                 keys.append(k)
     return sorted(keys, key=lambda k: k != "loss")
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = sorted((r["step"], float(r[key])) for r in records if _number(r.get(key)) and _number(r.get("step")))
+    points = sorted((r["step"], float(r[key])) for r in records
+                    if is_finite_number(r.get(key)) and is_finite_number(r.get("step")))
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -144,7 +136,7 @@ def _table(records: list[dict], keys: list[str]) -> list[str]:
 
 
 def _recipe_lines(run_dir: Path) -> list[str]:
-    path = run_dir / "recipe.yaml"
+    path = RunDir(run_dir).recipe
     if not path.is_file():
         return []
     import yaml
@@ -171,7 +163,7 @@ def _recipe_lines(run_dir: Path) -> list[str]:
 
     out = lines(recipe, "")
     for stage, sub in recipe.items():  # a task distillation's recipe.yaml holds one recipe per stage
-        if isinstance(sub, dict) and stage in ("stage1", "stage2"):
+        if isinstance(sub, dict) and stage in (STAGE1, STAGE2):
             out += [f"- {stage}:"] + lines(sub, "  ")
     return out + [""]
 
@@ -181,13 +173,13 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    logs = run_logs(run_dir)
+    logs = RunDir(run_dir).logs()
     if not logs:
         raise ReportError(f"{run_dir} has no log.jsonl; give a run directory written by tinybert distill or finetune")
     records = [r for log in logs for r in read_log(log)]
     if not records:
         raise ReportError(f"{', '.join(map(str, logs))}: no records; the run logged no step yet")
-    out = Path(out) if out is not None else run_dir / "report"
+    out = Path(out) if out is not None else RunDir(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     run = run_dir.resolve().name
 
@@ -198,10 +190,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         train = [r for r in mine if r.get("kind", "train") == "train"]
         evals = [r for r in mine if r.get("kind") == "eval"]
         loss_keys = _keys(train, exclude=SCHEDULE)
-        schedule_keys = [k for k in SCHEDULE if any(_number(r.get(k)) for r in train)]
+        schedule_keys = [k for k in SCHEDULE if any(is_finite_number(r.get(k)) for r in train)]
         eval_keys = _keys(evals)
-        steps = [r["step"] for r in train if _number(r.get("step"))]
-        epochs = [r["epoch"] for r in train if _number(r.get("epoch"))]
+        steps = [r["step"] for r in train if is_finite_number(r.get("step"))]
+        epochs = [r["epoch"] for r in train if is_finite_number(r.get("epoch"))]
         md += [f"## {stage}", ""]
         md.append(f"{len(train)} training steps" + (f" (steps {min(steps)} to {max(steps)}" if steps else "")
                   + (f", epochs {min(epochs)} to {max(epochs)})" if epochs else (")" if steps else ""))
@@ -224,7 +216,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             figures.append((name, f"{stage}: evaluation metrics"))
             last = evals[-1]
             md += [f"Final evaluation (step {last.get('step')}):", "", "| metric | value |", "|---|---|"]
-            md += [f"| {k} | {last[k]:.4g} |" for k in eval_keys if _number(last.get(k))] + [""]
+            md += [f"| {k} | {last[k]:.4g} |" for k in eval_keys if is_finite_number(last.get(k))] + [""]
             md += ["All evaluations:", ""] + _table(evals, eval_keys) + [""]
         md += [f"![{title}]({name})" for name, title in figures] + [""]
     path = out / "report.md"

@@ -2,12 +2,9 @@
 distillation (TinyBERT section 3.2: stage 1 distils the intermediate layers, stage 2 the predictions, with the
 paper's per-task lengths and epochs), and evaluation with the GLUE metrics and submission files.
 
-Output of a fine-tuning run:    checkpoints/  log.jsonl  best/  last/  metrics.json  recipe.yaml
-Output of a task distillation:  stage1/{checkpoints, log.jsonl, student/}  stage2/{checkpoints, log.jsonl}
-                                best/  last/  metrics.json  recipe.yaml
-best/ and last/ are Hugging Face directories: best by the task's main metric on the dev set (evaluated every epoch),
-last at the end of training. stage1/student is the student that enters stage 2, so `--resume` after a finished
-stage 1 starts stage 2 from it.
+What a run writes is rundir.RunDir's contract. best/ is the best model by the task's main metric on the dev set
+(evaluated every epoch), last/ the model at the end of training; stage1/student is the student that enters stage 2,
+so `--resume` after a finished stage 1 starts stage 2 from it.
 """
 
 from __future__ import annotations
@@ -30,10 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.data import (
     DataError,
     Task,
-    collate,
+    collate_labelled,
     file_sha256,
     get_task,
     length_grouped_batches,
@@ -44,17 +42,16 @@ from tinybert.data import (
     write_submission,
 )
 from tinybert.distill import Distiller
-from tinybert.hub import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.losses import hard_cross_entropy, regression_mse
 from tinybert.model import PRESETS, Bert
 from tinybert.recipe import Recipe, RecipeError
+from tinybert.rundir import STAGE1, STAGE2, Metrics, RunDir
 from tinybert.train import (
     Run,
     Stage,
     average_terms,
     barrier,
     check_output,
-    checkpoints,
     clear_output,
     decide_precision,
     default_device,
@@ -76,7 +73,7 @@ _LOGITS_FORMAT = "tinybert-logits-1"
 
 
 @dataclass
-class TaskData:
+class TaskSource:
     """Where a task's rows come from: a GLUE task (`data_dir` with SST-2/..., or the hub), or your own files."""
 
     task: str | None = None  # a GLUE task name; None: a custom task from `train`/`validation`
@@ -144,8 +141,8 @@ def for_task(recipe: Recipe, task: Task) -> tuple[Recipe, dict[str, str]]:
 
 
 def collate_batch(features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
-    """data.collate, plus the cached teacher logits (B, C) when the rows carry them."""
-    batch = collate(features, pad_token_id)
+    """data.collate_labelled, plus the cached teacher logits (B, C) when the rows carry them."""
+    batch = collate_labelled(features, pad_token_id)
     if "teacher_logits" in features[0]:
         batch["teacher_logits"] = torch.tensor([f["teacher_logits"] for f in features], dtype=torch.float)
     return batch
@@ -239,7 +236,7 @@ def length_batches(dataset, pad_token_id: int, batch_size: int):
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         rows = dataset[indices]
-        batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())], pad_token_id)
+        batch = collate_labelled([dict(zip(rows, values)) for values in zip(*rows.values())], pad_token_id)
         yield indices, {k: v for k, v in batch.items() if k != "labels"}
 
 
@@ -273,13 +270,13 @@ def score(model: Bert, task: Task, dev: dict, pad_token_id: int, batch_size: int
 
 
 class Keeper:
-    """on_eval for the loop: exports `model` to output/best when the main metric improves, keeps every evaluation.
+    """on_eval for the loop: exports `model` to best/ when the main metric improves, keeps every evaluation.
 
     `state` travels in the checkpoints (the loop's extra_state), so a resumed run knows the best so far.
     """
 
-    def __init__(self, model: Bert, tokenizer, output: Path, main_metric: str, stage: str, state: dict):
-        self.model, self.tokenizer, self.output, self.main, self.stage = model, tokenizer, output, main_metric, stage
+    def __init__(self, model: Bert, tokenizer, run_dir: RunDir, main_metric: str, stage: str, state: dict):
+        self.model, self.tokenizer, self.run_dir, self.main, self.stage = model, tokenizer, run_dir, main_metric, stage
         self.state = state
         state.setdefault("best", None)
         state.setdefault("history", [])
@@ -292,13 +289,7 @@ class Keeper:
         if best is None or (not math.isnan(value) and (math.isnan(best[self.main]) or value > best[self.main])):
             self.state["best"] = {"stage": self.stage, "step": step, **metrics}
             if world()[0] == 0:
-                export(self.model, self.output / "best", self.tokenizer)
-
-
-def write_metrics(output: Path, task: Task, state: dict, last: dict):
-    record = {"task": task.name, "main_metric": task.main_metric, "best": state["best"], "last": last,
-              "history": state["history"]}
-    (output / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+                export(self.model, self.run_dir.best, self.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------- teacher logits
@@ -350,14 +341,10 @@ def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int
 # ------------------------------------------------------------------------------------------------ run directories
 
 
-FINETUNE_FILES = ("checkpoints", "log.jsonl", "tensorboard", "best", "last", "metrics.json", "recipe.yaml")
-TASK_FILES = ("stage1", "stage2", "best", "last", "metrics.json", "recipe.yaml")
-
-
 def count_steps(dataset, recipe: Recipe) -> int:
     """Optimizer steps a stage on `dataset` runs (the loop's own count)."""
     plan = make_plan(dataset, micro_batch_size(recipe), recipe.seed)
-    return total_steps(Stage("count", None, {}, dataset, plan, collate), recipe)
+    return total_steps(Stage("count", None, {}, dataset, plan, collate_labelled), recipe)
 
 
 def describe_stage(name: str, recipe: Recipe, source: dict[str, str], steps: int, rows: int, loss: str) -> str:
@@ -371,11 +358,11 @@ def describe_stage(name: str, recipe: Recipe, source: dict[str, str], steps: int
 # ------------------------------------------------------------------------------------------------------ fine-tuning
 
 
-def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, tokenizer: str | None = None,
+def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, tokenizer: str | None = None,
                  resume: bool = False, overwrite: bool = False, dry_run: bool = False, progress: bool = True,
                  echo=print) -> Path | None:
     """Fine-tune `model` (a directory or a preset) on the task's gold labels; returns output/best."""
-    output = Path(output)
+    run_dir = RunDir(output)
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
     recipe, source = for_task(recipe, task)
     run = start_run(recipe, dry_run=dry_run)
@@ -396,7 +383,7 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
         name="finetune", module=Finetuner(bert), weights={"prediction": 1.0}, dataset=train_set,
         plan=make_plan(train_set, micro, recipe.seed), collate=lambda rows: collate_batch(rows, pad),
         evaluate=lambda module: score(module.model, task, dev, pad, micro * 2, run.device),
-        on_eval=Keeper(bert, tok, output, task.main_metric, "finetune", state),
+        on_eval=Keeper(bert, tok, run_dir, task.main_metric, "finetune", state),
     )
     steps = total_steps(stage, recipe)
     loss = "MSE to the gold scores" if task.is_regression else "cross-entropy to the gold labels"
@@ -404,29 +391,30 @@ def run_finetune(recipe: Recipe, data: TaskData, *, model: str, output: Path, to
     if dry_run:
         return None
 
-    check_output(output, FINETUNE_FILES, resume=resume, overwrite=overwrite, needs_checkpoint=True)
+    check_output(run_dir, "finetune", resume=resume, overwrite=overwrite, needs_checkpoint=True)
 
     def start():
         if overwrite and not resume:
-            clear_output(output, FINETUNE_FILES)
-        write_recipe(output, {**recipe.to_dict(), "model": str(model), "task": task.name,
+            clear_output(run_dir, "finetune")
+        write_recipe(run_dir, {**recipe.to_dict(), "model": str(model), "task": task.name,
                               "precision_decision": verdict.to_dict()})
 
-    run_stage(stage, recipe, output, steps, run.device, resume=resume, extra_state={"tracker": state},
+    run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, extra_state={"tracker": state},
               on_start=start, progress=progress, echo=say)
     if run.main:
-        finish(bert, tok, output, task, state, echo, "step")
+        finish(bert, tok, run_dir, task, state, echo, "step")
     barrier()  # the other processes return once best/ and last/ are on disk
-    return output / "best"
+    return run_dir.best
 
 
-def finish(model: Bert, tokenizer, output: Path, task: Task, state: dict, echo, when: str):
+def finish(model: Bert, tokenizer, run_dir: RunDir, task: Task, state: dict, echo, when: str):
     """After the last epoch: export last/ (best/ is written as it improves), write metrics.json, say where."""
-    export(model, output / "last", tokenizer)
-    write_metrics(output, task, state, state["history"][-1] if state["history"] else None)
+    export(model, run_dir.last, tokenizer)
+    Metrics(task=task.name, main_metric=task.main_metric, best=state["best"],
+            last=state["history"][-1] if state["history"] else None, history=state["history"]).write(run_dir.metrics)
     best = state["best"]
-    echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at {when} {best['step']}: {output / 'best'}; "
-         f"last: {output / 'last'}")
+    echo(f"best {task.main_metric} {best[task.main_metric]:.4f} at {when} {best['step']}: {run_dir.best}; "
+         f"last: {run_dir.last}")
 
 
 # ------------------------------------------------------------------------------------------------ task distillation
@@ -478,22 +466,22 @@ def _logits_column(run: Run, teacher: Bert, teacher_dir: str, train2, recipe: Re
     return train2.add_column("teacher_logits", logits.tolist()), record
 
 
-def _log_teacher_logits(stage_dir: Path, record: dict):
+def _log_teacher_logits(stage_dir: RunDir, record: dict):
     """Stage 2's log starts with how its teacher logits were had (cache hit or miss)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    with (stage_dir / "log.jsonl").open("a") as f:
-        f.write(json.dumps({"stage": "stage2", "kind": "teacher_logits", "step": 0, **record}) + "\n")
+    stage_dir.path.mkdir(parents=True, exist_ok=True)
+    with stage_dir.log.open("a") as f:
+        f.write(json.dumps({"stage": STAGE2, "kind": "teacher_logits", "step": 0, **record}) + "\n")
 
 
-def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, output: Path, resume: bool = False,
+def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, output: Path, resume: bool = False,
              overwrite: bool = False, dry_run: bool = False, progress: bool = True, echo=print) -> Path | None:
     """Task distillation of `teacher` (fine-tuned on the task) into `student`: stage 1 then stage 2.
     Returns output/best (the student by the task's main metric in stage 2)."""
     from tinybert.general import build_student
 
-    output = Path(output)
+    run_dir = RunDir(output)
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
-    (r1, source1), (r2, source2) = for_task(recipe.stage("stage1"), task), for_task(recipe.stage("stage2"), task)
+    (r1, source1), (r2, source2) = for_task(recipe.stage(STAGE1), task), for_task(recipe.stage(STAGE2), task)
     run = start_run(r1, dry_run=dry_run)
     say = run.say(echo)
     prediction = _prediction_mode(r2, task, say)
@@ -528,22 +516,22 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     if dry_run:
         return None
 
-    check_output(output, TASK_FILES, resume=resume, overwrite=overwrite)
+    check_output(run_dir, "task", resume=resume, overwrite=overwrite)
     # Teacher logits first: before stage 1 may cast the teacher to bf16 for DeepSpeed.
     train2, record = sets["stage2"]["train"], None
     if "prediction" in terms2 and prediction in ("soft", "mse_teacher"):
         train2, record = _logits_column(run, teacher_model, teacher, train2, r2, pad, say)
     if overwrite and not resume:
-        clear_output(output, TASK_FILES)
-    write_recipe(output, {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction},
+        clear_output(run_dir, "task")
+    write_recipe(run_dir, {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction},
                           "teacher": str(teacher), "student": str(student), "task": task.name,
                           "augmented": data.augmented,
                           "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}})
     if record is not None and run.main:
-        _log_teacher_logits(output / "stage2", record)
+        _log_teacher_logits(run_dir.stage(STAGE2), record)
 
     teacher_model.to(run.device)
-    student_dir = _run_stage1(run, stage1, r1, steps1, output, tok, resume=resume, progress=progress, say=say)
+    student_dir = _run_stage1(run, stage1, r1, steps1, run_dir, tok, resume=resume, progress=progress, say=say)
 
     # Stage 2: the prediction layer, from the stage-1 student on disk (the same whether or not stage 1 ran now).
     seed_everything(r2.seed)
@@ -551,27 +539,27 @@ def run_task(recipe: Recipe, data: TaskData, *, teacher: str, student: str, outp
     teacher_model.to(teacher_dtype(r2.precision))
     state = {}
     stage2 = _stage2(distiller(student2, r2, terms2), r2, terms2, train2, task, dev2, pad, run.device,
-                     Keeper(student2, tok, output, task.main_metric, "stage2", state))
-    run_stage(stage2, r2, output / "stage2", steps2, run.device, resume=resume, extra_state={"tracker": state},
+                     Keeper(student2, tok, run_dir, task.main_metric, STAGE2, state))
+    run_stage(stage2, r2, run_dir.stage(STAGE2), steps2, run.device, resume=resume, extra_state={"tracker": state},
               progress=progress, echo=say)
     if run.main:
-        finish(student2, tok, output, task, state, echo, "stage-2 step")
+        finish(student2, tok, run_dir, task, state, echo, "stage-2 step")
     barrier()
-    return output / "best"
+    return run_dir.best
 
 
-def _run_stage1(run: Run, stage1: Stage, recipe: Recipe, steps: int, output: Path, tokenizer, *, resume: bool,
+def _run_stage1(run: Run, stage1: Stage, recipe: Recipe, steps: int, run_dir: RunDir, tokenizer, *, resume: bool,
                 progress: bool, say) -> Path:
-    """Stage 1 (intermediate layers) into output/stage1/student, unless that exists: a finished stage 1 is not run
+    """Stage 1 (intermediate layers) into stage1/student, unless that exists: a finished stage 1 is not run
     again, an interrupted one resumes from its last checkpoint. Returns the student directory."""
-    student_dir = output / "stage1" / "student"
+    student_dir = run_dir.stage(STAGE1).student
     if (student_dir / "config.json").is_file():
-        if not checkpoints(output / "stage2"):
+        if not run_dir.stage(STAGE2).checkpoints():
             say(f"stage 1 finished earlier ({student_dir}); starting stage 2")
         return student_dir
     if steps:
         stage1.module.teacher.to(teacher_dtype(recipe.precision))
-        run_stage(stage1, recipe, output / "stage1", steps, run.device, resume=resume, progress=progress, echo=say)
+        run_stage(stage1, recipe, run_dir.stage(STAGE1), steps, run.device, resume=resume, progress=progress, echo=say)
     else:
         say("stage1: 0 epochs, skipped")
     if run.main:
@@ -595,12 +583,11 @@ def _stage1(module: Distiller, recipe: Recipe, terms: dict, sets, pad: int, devi
     """Stage 1 (intermediate layers), scored by its loss terms on the first dev split: the head is not trained."""
     micro = micro_batch_size(recipe)
     first_dev = next(iter(ds for split, ds in sets.items() if split != "train"))
-    batches = [list(range(i, min(i + micro, len(first_dev)))) for i in range(0, len(first_dev), micro)]
     pad_rows = lambda rows: collate_batch(rows, pad)  # noqa: E731
     return Stage(
         name="stage1", module=module, weights=terms, dataset=sets["train"],
         plan=make_plan(sets["train"], micro, recipe.seed), collate=pad_rows,
-        evaluate=lambda m: average_terms(m, first_dev, batches, pad_rows, device, recipe.precision, terms),
+        evaluate=lambda m: average_terms(m, first_dev, micro, pad_rows, device, recipe.precision, terms),
     )
 
 
@@ -610,7 +597,7 @@ def _stage1(module: Distiller, recipe: Recipe, terms: dict, sets, pad: int, devi
 GLUE_FILE_NAMES = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
 
 
-def run_eval(data: TaskData, model: str, *, split: str = "dev", max_seq_length: int | None = None,
+def run_eval(data: TaskSource, model: str, *, split: str = "dev", max_seq_length: int | None = None,
              batch_size: int = 64, max_examples: int = 0, predictions: Path | None = None,
              submission_dir: Path | None = None) -> dict:
     """Score `model` on the task's dev splits, or predict its test splits and write GLUE submission files.

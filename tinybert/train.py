@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tinybert.recipe import Recipe
+from tinybert.rundir import WRITES, RunDir
 
 
 class TrainingError(RuntimeError):
@@ -55,11 +56,6 @@ def decide_precision(precision: str, device: torch.device, config=None, echo=Non
     if echo is not None:
         echo(verdict.describe())
     return verdict
-
-
-def resolve_precision(precision: str, device: torch.device, config=None, echo=None) -> str:
-    """decide_precision's choice alone: 'fp32' or 'bf16'."""
-    return decide_precision(precision, device, config, echo).precision
 
 
 def teacher_dtype(precision: str) -> torch.dtype:
@@ -326,17 +322,11 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def checkpoints(output: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp-` directory is a write that did not finish)."""
-    return sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(engine, output: Path, client_state: dict, keep: int) -> Path:
+def save_checkpoint(engine, run_dir: RunDir, client_state: dict, keep: int) -> Path:
     """Write into a temporary directory, then rename: a crash mid-write never leaves a half checkpoint."""
     rank, _ = world()
     step = client_state["step"]
-    final = output / "checkpoints" / f"step-{step:07d}"
-    tmp = output / "checkpoints" / f".tmp-step-{step:07d}"
+    final, tmp = run_dir.checkpoint(step), run_dir.checkpoint(step, tmp=True)
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
@@ -348,7 +338,7 @@ def save_checkpoint(engine, output: Path, client_state: dict, keep: int) -> Path
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoints(output)[:-keep]:
+        for old in run_dir.checkpoints()[:-keep]:
             shutil.rmtree(old)
     barrier()
     return final
@@ -361,24 +351,17 @@ def load_checkpoint(engine, path: Path) -> dict:
     return client_state
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest complete checkpoint under output/checkpoints, or None."""
-    found = checkpoints(output) if output.is_dir() else []
-    return found[-1] if found else None
-
-
 # ------------------------------------------------------------------------------------------------ run directories
 
 
-def check_output(output: Path, names: tuple[str, ...], *, resume: bool, overwrite: bool,
-                 needs_checkpoint: bool = False):
-    """Refuse to mix two runs in one directory (`names`: the files a run of this kind writes there). Removes
-    nothing: `clear_output` does, once the new run is set up, so a bad input leaves the old run intact.
-    needs_checkpoint: --resume also needs a checkpoint under output/checkpoints (a one-stage run)."""
-    holds_run = output.is_dir() and any((output / name).exists() for name in names)
+def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, needs_checkpoint: bool = False):
+    """Refuse to mix two runs in one directory (`kind`: general, finetune or task, whose files it looks for).
+    Removes nothing: `clear_output` does, once the new run is set up, so a bad input leaves the old run intact.
+    needs_checkpoint: --resume also needs a checkpoint under checkpoints/ (a one-stage run)."""
+    output, holds_run = run_dir.path, run_dir.holds(kind)
     if resume and not holds_run:
         raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
-    if resume and needs_checkpoint and latest_checkpoint(output) is None:
+    if resume and needs_checkpoint and run_dir.latest_checkpoint() is None:
         raise TrainingError(f"--resume: {output} holds no checkpoint to resume from; pass --overwrite to start "
                             f"again")
     if not resume and holds_run and not overwrite:
@@ -386,28 +369,28 @@ def check_output(output: Path, names: tuple[str, ...], *, resume: bool, overwrit
                             f"it, or choose another --output")
 
 
-def clear_output(output: Path, names: tuple[str, ...]):
+def clear_output(run_dir: RunDir, kind: str):
     """--overwrite: rank 0 removes the previous run's files (only those; anything else in the directory stays)."""
     if world()[0] == 0:
-        for name in names:
-            path = output / name
+        for name in WRITES[kind]:
+            path = run_dir.path / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     barrier()
 
 
-def write_recipe(output: Path, record: dict):
+def write_recipe(run_dir: RunDir, record: dict):
     """recipe.yaml: what the run was started with (rank 0)."""
     import yaml
 
     if world()[0] == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.recipe.write_text(yaml.safe_dump(record, sort_keys=False))
 
 
-def run_stage(stage: Stage, recipe: Recipe, output: Path, steps: int, device: torch.device, *, resume: bool,
+def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device: torch.device, *, resume: bool,
               extra_state: dict[str, dict] | None = None, on_start: Callable[[], None] | None = None,
               progress: bool = True, echo=print):
-    """One stage of a run, the same for every kind: engine, resume from the newest checkpoint under `output`
+    """One stage of a run, the same for every kind: engine, resume from the newest checkpoint under `run_dir`
     (with --resume), train to `steps`, checkpoints on the way. Returns the engine.
 
     extra_state: dicts that travel in the checkpoints (e.g. the best score so far); on resume each is refilled
@@ -415,7 +398,7 @@ def run_stage(stage: Stage, recipe: Recipe, output: Path, steps: int, device: to
     loaded, before the first step (where --overwrite clears the old run: a run that fails to set up leaves it)."""
     import copy
 
-    latest = latest_checkpoint(output) if resume else None
+    latest = run_dir.latest_checkpoint() if resume else None
     stage.module.to(device)
     engine = build_engine(stage.module, recipe, steps, device)
     resumed = load_checkpoint(engine, latest) if latest else None
@@ -426,7 +409,7 @@ def run_stage(stage: Stage, recipe: Recipe, output: Path, steps: int, device: to
         echo(f"resuming {which}from {latest} (step {resumed['step']} of {steps})")
     if on_start is not None:
         on_start()
-    train(stage, engine, recipe, output, steps, resume=resumed, extra_state=extra_state, progress=progress)
+    train(stage, engine, recipe, run_dir, steps, resume=resumed, extra_state=extra_state, progress=progress)
     return engine
 
 
@@ -450,10 +433,10 @@ class Stage:
 class RunLog:
     """JSONL (one line per optimizer step and per evaluation) and TensorBoard scalars, written by rank 0."""
 
-    def __init__(self, output: Path, stage: str, resume_step: int | None):
+    def __init__(self, run_dir: RunDir, stage: str, resume_step: int | None):
         self.rank = world()[0]
         self.stage = stage
-        self.path = output / "log.jsonl"
+        self.path = run_dir.log
         self.tb = None
         if self.rank != 0:
             return
@@ -465,7 +448,7 @@ class RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output / "tensorboard" / stage))
+            self.tb = SummaryWriter(str(run_dir.tensorboard / stage))
         except ImportError:  # tensorboard is a dependency; a stripped environment still trains
             self.tb = None
 
@@ -512,7 +495,7 @@ def total_steps(stage: Stage, recipe: Recipe) -> int:
     return recipe.max_steps if recipe.max_steps > 0 else math.ceil(recipe.epochs * steps_per_epoch)
 
 
-def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, resume: dict | None = None,
+def train(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, steps: int, *, resume: dict | None = None,
           extra_state: dict | None = None, progress: bool = True) -> int:
     """Run `stage` for `steps` optimizer steps, or on from `resume` (a checkpoint's client state).
 
@@ -526,7 +509,7 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
     per_epoch = micro_batches_per_epoch(stage, recipe)
     step = resume["step"] if resume else 0
     epoch, position = (resume["epoch"], resume["position"]) if resume else (0, 0)
-    log = RunLog(output, stage.name, step if resume else None)
+    log = RunLog(run_dir, stage.name, step if resume else None)
     bar = tqdm(total=steps, initial=step, desc=stage.name, disable=not progress or rank != 0, dynamic_ncols=True)
     engine.module.train()
     tokens, started, window = 0, time.perf_counter(), {}
@@ -549,7 +532,7 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
             if not torch.isfinite(loss):
                 bar.close()  # end the progress line, so the error is a line of its own
                 log.close()
-                raise _non_finite(stage, recipe, output, step, loss, terms)
+                raise _non_finite(stage, recipe, run_dir, step, loss, terms)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             engine.step()
@@ -583,7 +566,7 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
                 if stage.on_eval is not None:
                     stage.on_eval(step, metrics)
             if _due(step, recipe.save_every, epoch_done) or step == steps:
-                save_checkpoint(engine, output, client_state(), recipe.keep_checkpoints)
+                save_checkpoint(engine, run_dir, client_state(), recipe.keep_checkpoints)
             if epoch_done:
                 break
     bar.close()
@@ -591,8 +574,8 @@ def train(stage: Stage, engine, recipe: Recipe, output: Path, steps: int, *, res
     return step
 
 
-def _non_finite(stage: Stage, recipe: Recipe, output: Path, step: int, loss: Tensor, terms: dict) -> TrainingError:
-    last = latest_checkpoint(output)
+def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: Tensor, terms: dict) -> TrainingError:
+    last = run_dir.latest_checkpoint()
     return TrainingError(
         f"stage {stage.name}: loss is {loss.item()} at step {step + 1} "
         f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
@@ -602,13 +585,14 @@ def _non_finite(stage: Stage, recipe: Recipe, output: Path, step: int, loss: Ten
 
 
 @torch.no_grad()
-def average_terms(module: nn.Module, dataset, batches: list[list[int]], collate, device, precision: str,
+def average_terms(module: nn.Module, dataset, batch_size: int, collate, device, precision: str,
                   weights: dict[str, float]) -> dict[str, float]:
-    """Held-out loss terms, averaged over examples, with the module in eval mode."""
+    """Held-out loss terms, averaged over examples (in batches of batch_size, in order), in eval mode."""
     module.eval()
     sums, count = {}, 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    for indices in batches:
+    for start in range(0, len(dataset), batch_size):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
         rows = dataset[indices]
         batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())])
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints <-> our BERT: one rename table, loading any HF BERT directory, exporting students
-that plain `transformers` loads (`AutoModel`, `AutoModelForSequenceClassification`)."""
+"""Hugging Face checkpoint directories <-> our BERT: one rename table, loading any HF BERT directory, exporting
+students that plain `transformers` loads (`AutoModel`, `AutoModelForSequenceClassification`). Files only: talking
+to the Hub is publish.py's."""
 
 from __future__ import annotations
 

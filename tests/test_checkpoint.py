@@ -1,5 +1,6 @@
-"""tinybert.hub against transformers: students we export load in plain transformers with no warnings and give the
-same outputs; checkpoints transformers writes load into our BERT; bad checkpoints fail with a message naming them."""
+"""tinybert.checkpoint against transformers: students we export load in plain transformers with no warnings and
+give the same outputs; checkpoints transformers writes load into our BERT; bad checkpoints fail with a message
+naming them."""
 
 import json
 import logging
@@ -13,7 +14,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from transformers import BertConfig as HFConfig
 from transformers import BertForMaskedLM, BertForPreTraining, BertForSequenceClassification
 
-from tinybert.hub import CheckpointError, init_from_teacher, load_model, load_tokenizer, save_model
+from tinybert.checkpoint import CheckpointError, init_from_teacher, load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 
 # Small enough to build in milliseconds, shaped like a real BERT (several heads, FFN wider than the width).
