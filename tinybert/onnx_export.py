@@ -402,11 +402,11 @@ def _move_in(tmp: Path, output: Path, stale: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------------------------- model card
 
 
-def onnx_facts(export_dir: str | os.PathLike, repo: str | None = None) -> dict | None:
+def onnx_facts(export_dir: str | os.PathLike, repo: str | None = None, folder: str | None = None) -> dict | None:
     """What a model card says about an ONNX export folder: the parity figure, the int8 score against fp32, the
     measured speed (bench.json from `tinybert bench DIR --engine onnxruntime` as a `rundir.Bench`, when there is
-    one) and the lines of an ONNX Runtime usage snippet: for the folder by its name, or, with `repo`, for its copy
-    in that Hub repo's onnx/ subfolder. None when the folder holds no export record."""
+    one) and the lines of an ONNX Runtime usage snippet: with `repo`, for its copy in that Hub repo's onnx/
+    subfolder, else for the folder at `folder` (default: its name). None when the folder holds no export record."""
     export_dir = Path(export_dir)
     path = export_dir / RECORD_FILE
     if not path.is_file():
@@ -424,7 +424,7 @@ def onnx_facts(export_dir: str | os.PathLike, repo: str | None = None) -> dict |
                  "tokenizer = AutoTokenizer.from_pretrained(folder)",
                  f'session = ort.InferenceSession(f"{{folder}}/{graph}")']
     else:
-        name = export_dir.name
+        name = folder or export_dir.name
         where = ["from transformers import AutoTokenizer", "",
                  f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
                  f'session = ort.InferenceSession("{name}/{graph}")']

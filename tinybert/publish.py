@@ -481,7 +481,7 @@ def model_card(
         setting=", ".join(f"{k} {_fmt(x)}" for k, x in (bench or {}).get("setting", {}).items()),
         fewer=f"{reference_params / total:.1f}" if reference_params else None,
         repo=repo_id or str(model_dir), config=config,
-        onnx=_onnx_section(export, repo_id or str(model_dir)) if export else None,
+        onnx=_onnx_section(export, repo_id) if export else None,
     )
     return str(card)
 
@@ -514,11 +514,12 @@ def onnx_dir(model_dir: Path, onnx: str | os.PathLike | None = None) -> Path | N
     return onnx
 
 
-def _onnx_section(export: Path, repo: str) -> dict:
-    """The card's "ONNX" facts: files, opset, parity, int8 score, ONNX Runtime speed and a usage snippet."""
+def _onnx_section(export: Path, repo_id: str | None) -> dict:
+    """The card's "ONNX" facts: files, opset, parity, int8 score, ONNX Runtime speed and a usage snippet (that
+    downloads onnx/ from the Hub repo, or, for a card without a repo id, reads the local export)."""
     from tinybert.onnx_export import INT8_FILE, SUBFOLDER, onnx_facts
 
-    facts = onnx_facts(export, repo=repo)
+    facts = onnx_facts(export, repo=repo_id, folder=str(export))
     files = [[f"`{SUBFOLDER}/{name}`", "int8 (dynamic quantisation)" if kind == "int8" else kind,
               f"{(export / name).stat().st_size / 2**20:.1f} MB" if (export / name).is_file() else "-"]
              for kind, name in facts["files"].items()]
@@ -534,17 +535,15 @@ def _onnx_section(export: Path, repo: str) -> dict:
         int8 = "not measured at export (no task dev set was named or found)"
     speed, setting = [], ""
     if facts["speed"]:
-        s = facts["speed"]
-        rows = (("PyTorch fp32", s.get("vs")), ("ONNX Runtime fp32", s.get("model")),
-                ("ONNX Runtime int8", s.get("int8")))
-        ms = lambda f, k: f"{f[k]:.2f}" if _is_number(f.get(k)) else "-"  # noqa: E731
-        speed = [[label, ms(f, "latency_ms_p50"), ms(f, "latency_ms_p95"),
-                  f"{f['throughput_seq_per_s']:.0f}" if _is_number(f.get("throughput_seq_per_s")) else "-"]
-                 for label, f in rows if isinstance(f, dict)]
-        first, where = s.get("model") or {}, s.get("machine") or {}
-        parts = [("CPU", where.get("cpu")), ("threads", first.get("threads")),
-                 ("sequence length", first.get("seq_len")),
-                 ("throughput batch", first.get("throughput_batch")), ("onnxruntime", where.get("onnxruntime")),
+        bench = facts["speed"]  # a rundir.Bench
+        rows = (("PyTorch fp32", bench.vs), ("ONNX Runtime fp32", bench.model), ("ONNX Runtime int8", bench.int8))
+        ms = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        speed = [[label, ms(side.latency_ms_p50), ms(side.latency_ms_p95),
+                  "-" if side.throughput_seq_per_s is None else f"{side.throughput_seq_per_s:.0f}"]
+                 for label, side in rows if side is not None]
+        where = bench.machine or {}
+        parts = [("CPU", where.get("cpu")), ("threads", bench.model.threads), ("sequence length", bench.model.seq_len),
+                 ("throughput batch", bench.model.throughput_batch), ("onnxruntime", where.get("onnxruntime")),
                  ("measured", where.get("date"))]
         setting = ", ".join(f"{k} {_fmt(v)}" for k, v in parts if v not in (None, ""))
     return {"files": files, "opset": facts["opset"], "output": facts["output"], "int8": int8,
