@@ -5,6 +5,7 @@ predictions against fp32 on SST-2 dev, and one-line errors that leave the model 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from tinybert.demo import format_summary
 from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
 from tinybert.onnx_export import INT8_FILE, MODEL_FILE, RECORD_FILE, onnx_facts, run_session, session
+from tinybert.publish import model_card
 from tinybert.rundir import Bench
 
 for _module in ("onnx", "onnxscript", "onnxruntime"):
@@ -232,6 +234,57 @@ def test_onnx_facts_for_the_card(student_export, tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 2)"
+
+
+@pytest.mark.slow  # the fine-tuned student, as above
+def test_model_card_lists_the_student_export(student, student_export):
+    """The card of the student with its export: the parity figure and the int8 SST-2 score of onnx_export.json, and
+    the ONNX Runtime snippet."""
+    output, _ = student_export
+    record = json.loads((output / RECORD_FILE).read_text())
+    score = record["int8"]["eval"]
+    assert score["task"] == "sst2" and score["metric"] == "accuracy"
+    text = model_card(student, onnx=output, repo_id="me/student")
+    section = text[text.index("## ONNX"):text.index("## Citation")]
+    assert f"differs from PyTorch by at most **{record['parity']['max_abs_diff']:.1e}** (max abs on `logits`" in section
+    assert (f"- int8: SST-2 dev accuracy {score['int8']:.4f} against {score['fp32']:.4f} for fp32 "
+            f"({score['examples']} rows; {score['agreement']:.1%} of predictions unchanged).") in section
+    assert 'session = ort.InferenceSession(f"{folder}/model_quantized.onnx")' in section
+    assert "logits = session.run(None, {k: v.astype(np.int64) for k, v in inputs.items()})[0]" in section
+    assert "## ONNX" not in model_card(student)  # without --output the export went elsewhere: nothing beside it
+
+
+def test_export_without_output_goes_beside_the_model_and_into_its_card(tiny, tmp_path):
+    """`tinybert export MODEL_DIR` writes MODEL_DIR/onnx, which the card then describes; an export named for the
+    card must be one of this model and cannot stand beside another one."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    before = snapshot(model)
+    code, out, err = cli("export", model, "--quantize", "int8")
+    assert code == 0, err
+    assert f"wrote {model / 'onnx'}" in out
+    after = snapshot(model)
+    assert {k: v for k, v in after.items() if not k.startswith("onnx")} == before  # the model's files as they were
+    assert {f"onnx/{n}" for n in (MODEL_FILE, INT8_FILE, RECORD_FILE, "config.json", "tokenizer.json")} <= set(after)
+    assert not [p for p in model.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    record = json.loads((model / "onnx" / RECORD_FILE).read_text())
+    text = model_card(model)
+    section = text[text.index("## ONNX"):text.index("## Citation")]
+    assert f"by at most **{record['parity']['max_abs_diff']:.1e}** (max abs on `last_hidden_state`" in section
+    assert "- int8: not measured at export" in section  # no head, no task
+    assert "Speed under ONNX Runtime was not measured" in section
+    assert f'ORTModelForFeatureExtraction.from_pretrained("{model}", subfolder="onnx", ' in section
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(model / "onnx", elsewhere)
+    with pytest.raises(ValueError, match="goes up with the model as onnx/, so --with-onnx .* cannot"):
+        model_card(model, onnx=elsewhere)
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    config = json.loads((elsewhere / "config.json").read_text())
+    (elsewhere / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+    with pytest.raises(ValueError, match="is the export of another model: its config.json differs"):
+        model_card(other, onnx=elsewhere)
 
 
 # ------------------------------------------------------------------------------------------------- bad input

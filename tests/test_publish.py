@@ -208,6 +208,23 @@ def run(module_tmp, minilm_dir) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def onnx_export(run, module_tmp) -> Path:
+    """`tinybert export` of run/best with int8 into a folder of its own (int8 is scored on SST-2 dev, the run's task,
+    when the GLUE files are here), and its ONNX Runtime figures as `tinybert bench --engine onnxruntime` writes them
+    (tiny sizes: only their place in the card is tested)."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[onnx]'")
+    from tinybert.bench import run_bench
+    from tinybert.onnx_export import export_onnx
+
+    output = module_tmp / "best-onnx"
+    export_onnx(run / "best", output, quantize="int8", echo=lambda _: None)
+    run_bench(str(output), None, "cpu", "fp32", None, echo=lambda _: None, engine="onnxruntime", seq_len=16,
+              throughput_batch=4, latency_repeats=3, throughput_repeats=1)
+    return output
+
+
 def _snapshot(*directories: Path) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for d in directories for p in sorted(d.rglob("*"))}
@@ -317,6 +334,51 @@ def test_model_card_bare_student_local_teacher_and_license(run, tmp_path, minilm
     assert named.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def test_model_card_lists_an_onnx_export_beside_the_model(run, onnx_export, tmp_path):
+    """MODEL_DIR/onnx adds an ONNX section (figures from onnx_export.json and bench.json, a snippet that runs) and
+    changes nothing else in the card."""
+    model = tmp_path / "tinybert-sst2" / "best"
+    shutil.copytree(run / "best", model)
+    without = model_card(model, repo_id="me/tinybert-sst2")
+    assert "## ONNX" not in without and "onnx" not in without.lower()
+    shutil.copytree(onnx_export, model / "onnx")
+    text = model_card(model, repo_id="me/tinybert-sst2")
+    section = text[text.index("\n\n## ONNX\n"):text.index("\n\n## Citation")]
+    assert text.replace(section, "", 1) == without  # the rest of the card is byte for byte the same
+
+    record = json.loads((onnx_export / "onnx_export.json").read_text())
+    bench = json.loads((onnx_export / "bench.json").read_text())
+    assert f"opset {record['opset']}" in section and "output `logits`" in section
+    assert f"differs from PyTorch by at most **{record['parity']['max_abs_diff']:.1e}**" in section
+    assert f"over {record['parity']['checked_on']}; the export requires 1e-04 or less" in section
+    size = (onnx_export / "model_quantized.onnx").stat().st_size / 2**20
+    assert "| `onnx/model.onnx` | fp32 |" in section
+    assert f"| `onnx/model_quantized.onnx` | int8 (dynamic quantisation) | {size:.1f} MB |" in section
+    score = record["int8"]["eval"]
+    if score:  # the GLUE files are here: the int8 line carries the export's SST-2 dev figures
+        assert (f"- int8: SST-2 dev accuracy {score['int8']:.4f} against {score['fp32']:.4f} for fp32 "
+                f"({score['examples']} rows; {score['agreement']:.1%} of predictions unchanged).") in section
+    else:
+        assert "- int8: not measured at export" in section
+    for label, side in (("PyTorch fp32", "vs"), ("ONNX Runtime fp32", "model"), ("ONNX Runtime int8", "int8")):
+        figures = bench[side]
+        assert (f"| {label} | {figures['latency_ms_p50']:.2f} | {figures['latency_ms_p95']:.2f} | "
+                f"{figures['throughput_seq_per_s']:.0f} |") in section
+    assert (f"threads {bench['model']['threads']}, sequence length 16, throughput batch 4, "
+            f"onnxruntime {bench['machine']['onnxruntime']}") in section
+    assert 'from_pretrained("me/tinybert-sst2", subfolder="onnx", file_name="model_quantized.onnx")' in section
+
+    # The ONNX Runtime snippet runs as printed, with the Hub download replaced by the local copy of onnx/.
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    download = 'folder = snapshot_download("me/tinybert-sst2", allow_patterns=["onnx/*"]) + "/onnx"'
+    assert download in snippet and 'ort.InferenceSession(f"{folder}/model_quantized.onnx")' in snippet
+    code = snippet.replace(download, f"folder = {str(model / 'onnx')!r}") + "print(logits.shape)\n"
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == "(1, 2)"
+
+
 # ---------------------------------------------------------------------------------------------------- push
 
 
@@ -350,6 +412,27 @@ def test_push_cli_uploads_model_and_card_and_never_leaks_the_token(run, hub, onl
     assert not [b for _, _, _, b in hub.requests if TOKEN.encode() in b]
     assert not _files_containing(tmp_path, TOKEN) and not _files_containing(run, TOKEN)
     assert _snapshot(run.parent) == before  # the local directory is not written to
+
+
+def test_push_with_onnx_uploads_the_export_in_the_same_commit(run, onnx_export, hub, online_env):
+    before = _snapshot(run.parent)
+    result = tinybert("push", run / "best", "--repo-id", "me/tinybert-sst2", "--endpoint", hub.endpoint,
+                      "--with-onnx", onnx_export, env=online_env)
+    assert result.returncode == 0, result.stderr
+    repo = hub.repos["me/tinybert-sst2"]
+    assert len(repo["commits"]) == 1  # model, card and export together
+    files = repo["branches"]["main"]
+    exported = sorted(p.name for p in onnx_export.iterdir() if p.is_file())
+    assert {"model.onnx", "model_quantized.onnx", "onnx_export.json", "bench.json", "tokenizer.json"} <= set(exported)
+    assert sorted(n[len("onnx/"):] for n in files if n.startswith("onnx/")) == exported
+    for name in exported:
+        assert files[f"onnx/{name}"] == (onnx_export / name).read_bytes(), name
+    assert files["model.safetensors"] == (run / "best" / "model.safetensors").read_bytes()
+    card = files["README.md"].decode()
+    record = json.loads((onnx_export / "onnx_export.json").read_text())
+    assert "## ONNX" in card and f"**{record['parity']['max_abs_diff']:.1e}**" in card
+    assert 'snapshot_download("me/tinybert-sst2", allow_patterns=["onnx/*"])' in card
+    assert not hub.unknown and _snapshot(run.parent) == before
 
 
 def test_push_api_to_an_existing_repo_on_main(run, hub, monkeypatch):
@@ -395,13 +478,17 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["not-a-model", "bad-repo-id", "no-token", "unreachable", "symlink"])
+@pytest.mark.parametrize("case", ["not-a-model", "bad-repo-id", "no-token", "unreachable", "symlink",
+                                  "not-an-export"])
 def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, online_env, tmp_path):
-    model, repo_id, endpoint, env = run / "best", "me/tinybert-sst2", hub.endpoint, online_env
+    model, repo_id, endpoint, env, extra = run / "best", "me/tinybert-sst2", hub.endpoint, online_env, []
     expected = {"not-a-model": "is not an exported model", "bad-repo-id": "repo id 'me/bad name!' is not valid",
                 "no-token": "no Hugging Face token", "unreachable": "cannot reach http://127.0.0.1:",
-                "symlink": "secret.txt is a symbolic link; push uploads regular files only"}[case]
-    if case == "not-a-model":
+                "symlink": "secret.txt is a symbolic link; push uploads regular files only",
+                "not-an-export": "stage1/student is not an ONNX export (it needs model.onnx, onnx_export.json"}[case]
+    if case == "not-an-export":  # a model folder, but no ONNX export
+        extra = ["--with-onnx", run / "stage1" / "student"]
+    elif case == "not-a-model":
         model = tmp_path / "notes"
         model.mkdir()
         (model / "notes.txt").write_text("not a model")
@@ -417,7 +504,7 @@ def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, o
     else:
         endpoint = f"http://127.0.0.1:{_closed_port()}"
     before = _snapshot(run.parent, tmp_path)
-    result = tinybert("push", model, "--repo-id", repo_id, "--endpoint", endpoint, env=env)
+    result = tinybert("push", model, "--repo-id", repo_id, "--endpoint", endpoint, *extra, env=env)
     line = _one_line_error(result)
     assert expected in line, line
     if case == "unreachable":

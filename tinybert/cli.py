@@ -314,13 +314,16 @@ def push(
     bench: Optional[Path] = typer.Option(None, help="JSON file from the bench command: latency, speed-up."),
     base_model: Optional[str] = typer.Option(None, help="Hub id of the teacher, when it was a local directory."),
     license: str = typer.Option("apache-2.0", help="License id for the card."),
+    with_onnx: Optional[Path] = typer.Option(None, "--with-onnx", help="An ONNX export of the model (tinybert "
+                                             "export) to upload as onnx/ and describe in the card (default: "
+                                             "MODEL_DIR/onnx when it holds one)."),
 ):
     """Upload a model with a model card built from its runs. The token comes from HF_TOKEN or `hf auth login`."""
     from tinybert.publish import push as push_model
 
     url = push_model(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
                      endpoint=endpoint, run_dirs=run_dir or None, results=results, bench=bench,
-                     base_model=base_model, license=license)
+                     base_model=base_model, license=license, with_onnx=with_onnx)
     typer.echo(f"pushed {model_dir} to {repo_id}" + (f" (branch {revision})" if revision else "") + f": {url}")
 
 
@@ -364,8 +367,9 @@ def bench(
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="An exported student (a Hugging Face directory, e.g. RUN/best)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for model.onnx, config.json, the tokenizer and "
-                                                            "onnx_export.json."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for model.onnx, config.json, the "
+                                          "tokenizer and onnx_export.json (default: MODEL_DIR/onnx, beside the model, "
+                                          "where its card and push find it)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx (the one format)."),
     quantize: Optional[str] = typer.Option(None, help="int8: also write model_quantized.onnx (dynamic "
                                                       "quantisation), scored against fp32 on the task's dev set."),

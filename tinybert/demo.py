@@ -113,7 +113,7 @@ def run_demo(output: Path, echo=print) -> dict:
     bench = {name: dataclasses.asdict(side) for name, side in sides.items()}
 
     echo("[6/7] exporting the student to ONNX (fp32 and int8) and timing it under ONNX Runtime")
-    served = onnx_slice(student, output / "student-onnx", data, echo)
+    served = onnx_slice(student, student / "onnx", data, echo, vs=sides["student"])  # beside it: the card lists it
 
     echo("[7/7] writing the student's model card")
     (student / "README.md").write_text(model_card(student, run_dirs=[output / "student"]))
@@ -148,11 +148,14 @@ def augment_slice(data, output: Path, echo) -> dict | None:
     return stats
 
 
-def onnx_slice(student: Path, output: Path, data, echo) -> dict | None:
+def onnx_slice(student: Path, output: Path, data, echo, vs=None) -> dict | None:
     """`tinybert export --format onnx --quantize int8` of the student (parity checked, int8 scored on SST-2 dev),
-    then both graphs timed like the PyTorch models above. None when the onnx extra is not installed."""
-    from tinybert.bench import benchmark_onnx
+    then both graphs timed like the PyTorch models above, with `vs` (the student's torch BenchSide) written beside
+    them as `tinybert bench --engine onnxruntime` writes its bench.json, so the student's card shows the speed.
+    None when the onnx extra is not installed."""
+    from tinybert.bench import benchmark_onnx, compare, machine
     from tinybert.onnx_export import INT8_FILE, MODEL_FILE, ExportError, export_onnx, require_onnx
+    from tinybert.rundir import BENCH, Bench
 
     try:
         require_onnx()
@@ -161,10 +164,13 @@ def onnx_slice(student: Path, output: Path, data, echo) -> dict | None:
         return None
     record = export_onnx(student, output, quantize="int8", task="sst2", data_dir=data.data_dir, overwrite=True,
                          echo=lambda m: echo("      " + m))
+    import onnxruntime
+
+    fp32, int8 = benchmark_onnx(output, MODEL_FILE), benchmark_onnx(output, INT8_FILE)
+    Bench(model=fp32, vs=vs, speedup=compare(fp32, vs) if vs else None, int8=int8, int8_speedup=compare(int8, fp32),
+          machine={**machine(), "onnxruntime": onnxruntime.__version__}).write(output / BENCH)
     return {"parity_max_abs_diff": record["parity"]["max_abs_diff"], "int8_eval": record["int8"]["eval"],
-            "bench": {dtype: dataclasses.asdict(benchmark_onnx(output, file))
-                      for dtype, file in (("fp32", MODEL_FILE), ("int8", INT8_FILE))},
-            "path": str(output)}
+            "bench": {"fp32": dataclasses.asdict(fp32), "int8": dataclasses.asdict(int8)}, "path": str(output)}
 
 
 def format_summary(summary: dict, student: Path) -> str:

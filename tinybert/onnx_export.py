@@ -29,6 +29,10 @@ from tinybert.rundir import BENCH, Bench
 
 # File names as optimum writes them, so `ORTModelFor*.from_pretrained(DIR)` finds them.
 MODEL_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model_quantized.onnx", "onnx_export.json"
+# An export "beside the model": MODEL_DIR/onnx/, where `tinybert export` writes without --output; the model card
+# lists it and `tinybert push` uploads it with the model (as onnx/ in the repo, where optimum finds it with
+# subfolder="onnx").
+SUBFOLDER = "onnx"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MIN_OPSET, DEFAULT_OPSET = 18, 18  # torch's exporter writes opset 18 natively; older ones go through a converter
 PARITY_TOLERANCE = 1e-4  # max abs difference of ONNX Runtime fp32 against PyTorch fp32 (logits or last hidden state)
@@ -289,13 +293,15 @@ def score_int8(task, dev, fp32_sess, int8_sess, pad_token_id: int) -> dict:
             "metrics": scores, "agreement": float(np.mean(same))}
 
 
-def export_onnx(model_dir: str | os.PathLike, output: str | os.PathLike, *, quantize: str | None = None,
+def export_onnx(model_dir: str | os.PathLike, output: str | os.PathLike | None = None, *, quantize: str | None = None,
                 opset: int = DEFAULT_OPSET, seq_len_hint: int = 128, task: str | None = None,
                 data_dir: str | None = None, overwrite: bool = False, echo=print) -> dict:
     """Export, check, quantise and score in a temporary folder beside --output, then move the files in; any failure
-    leaves --output (and always the model directory) as it was. Returns the record written to onnx_export.json."""
+    leaves --output (and always the model directory) as it was. Returns the record written to onnx_export.json.
+    output: default MODEL_DIR/onnx, the export beside the model that its card and push pick up."""
     require_onnx()
-    model_dir, output = Path(model_dir), Path(output)
+    model_dir = Path(model_dir)
+    output = Path(output) if output is not None else model_dir / SUBFOLDER
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize}: int8 is the one quantisation supported")
     check_opset(opset)
@@ -396,10 +402,11 @@ def _move_in(tmp: Path, output: Path, stale: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------------------------- model card
 
 
-def onnx_facts(export_dir: str | os.PathLike) -> dict | None:
+def onnx_facts(export_dir: str | os.PathLike, repo: str | None = None, folder: str | None = None) -> dict | None:
     """What a model card says about an ONNX export folder: the parity figure, the int8 score against fp32, the
     measured speed (bench.json from `tinybert bench DIR --engine onnxruntime` as a `rundir.Bench`, when there is
-    one) and the lines of an ONNX Runtime usage snippet. None when the folder holds no export record."""
+    one) and the lines of an ONNX Runtime usage snippet: with `repo`, for its copy in that Hub repo's onnx/
+    subfolder, else for the folder at `folder` (default: its name). None when the folder holds no export record."""
     export_dir = Path(export_dir)
     path = export_dir / RECORD_FILE
     if not path.is_file():
@@ -410,18 +417,27 @@ def onnx_facts(export_dir: str | os.PathLike) -> dict | None:
         raise ExportError(f"{path} is not valid JSON ({e}); export again") from None
     int8 = record.get("int8") or {}
     speed = Bench.read(export_dir / BENCH) if (export_dir / BENCH).is_file() else None
-    name = export_dir.name
+    graph = INT8_FILE if int8 else MODEL_FILE
+    if repo:
+        where = ["from huggingface_hub import snapshot_download", "from transformers import AutoTokenizer", "",
+                 f'folder = snapshot_download("{repo}", allow_patterns=["{SUBFOLDER}/*"]) + "/{SUBFOLDER}"',
+                 "tokenizer = AutoTokenizer.from_pretrained(folder)",
+                 f'session = ort.InferenceSession(f"{{folder}}/{graph}")']
+    else:
+        name = folder or export_dir.name
+        where = ["from transformers import AutoTokenizer", "",
+                 f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+                 f'session = ort.InferenceSession("{name}/{graph}")']
     usage = [
         "import numpy as np",
         "import onnxruntime as ort",
-        "from transformers import AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-        f'session = ort.InferenceSession("{name}/{INT8_FILE if int8 else MODEL_FILE}")',
+        *where,
         'inputs = tokenizer(["A small model that reads like a big one."], padding=True, return_tensors="np")',
         f"{record['output']} = session.run(None, {{k: v.astype(np.int64) for k, v in inputs.items()}})[0]",
     ]
-    return {"files": record.get("files", {}), "opset": record.get("opset"),
-            "parity_max_abs_diff": record["parity"]["max_abs_diff"],
+    parity = record["parity"]
+    return {"files": record.get("files", {}), "opset": record.get("opset"), "output": record.get("output"),
+            "parity_max_abs_diff": parity["max_abs_diff"], "parity_tolerance": parity.get("tolerance"),
+            "parity_checked_on": parity.get("checked_on"),
             "int8_eval": int8.get("eval"), "int8_eval_note": int8.get("eval_note"),
             "speed": speed, "usage": usage}

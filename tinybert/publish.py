@@ -385,6 +385,7 @@ def model_card(
     license: str = "apache-2.0",
     repo_id: str | None = None,
     base_model: str | None = None,
+    onnx: str | os.PathLike | None = None,
 ) -> str:
     """README.md text for an exported student: Hub metadata (license, base_model = the teacher, tags, datasets,
     metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage, laid out by
@@ -393,7 +394,8 @@ def model_card(
     run_dirs: the runs that made the model, in order (default: the run whose `student/` this is); their
     recipe.yaml, log.jsonl and metrics.json are read. results: evaluation results (see `normalise_results`),
     added to those of the runs' metrics.json. bench: a bench dict or JSON file (see `read_bench`; default
-    MODEL_DIR/bench.json when there is one).
+    MODEL_DIR/bench.json when there is one). onnx: an ONNX export folder (`tinybert export`) to describe in an
+    "ONNX" section as the repo's onnx/ subfolder (default: MODEL_DIR/onnx when it holds one; see `onnx_dir`).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -459,6 +461,7 @@ def model_card(
     elif teacher:
         reference, reference_params = "the teacher", teacher_params
         sizes.append([reference, _millions(teacher_params) if teacher_params else "-", "-", "-", "-"])
+    export = onnx_dir(model_dir, onnx)
     speedup = (bench or {}).get("speedup") or {}
     speedup = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup.get("latency") else None,
                f"**{speedup['throughput']:.2f}x** higher throughput" if speedup.get("throughput") else None]
@@ -478,8 +481,76 @@ def model_card(
         setting=", ".join(f"{k} {_fmt(x)}" for k, x in (bench or {}).get("setting", {}).items()),
         fewer=f"{reference_params / total:.1f}" if reference_params else None,
         repo=repo_id or str(model_dir), config=config,
+        onnx=_onnx_section(export, repo_id) if export else None,
     )
     return str(card)
+
+
+# ------------------------------------------------------------------------------------------------------- onnx
+
+
+def onnx_dir(model_dir: Path, onnx: str | os.PathLike | None = None) -> Path | None:
+    """The ONNX export that goes with a model: `onnx` when given (it must be a `tinybert export` of this model), else
+    MODEL_DIR/onnx when it holds one (where `tinybert export MODEL_DIR` writes by default), else None."""
+    from tinybert.onnx_export import MODEL_FILE, RECORD_FILE, SUBFOLDER
+
+    beside = model_dir / SUBFOLDER
+    if onnx is None:
+        return beside if (beside / RECORD_FILE).is_file() else None
+    onnx = Path(onnx)
+    if not all((onnx / f).is_file() for f in (MODEL_FILE, RECORD_FILE, "config.json")):
+        raise ValueError(f"--with-onnx {onnx} is not an ONNX export (it needs {MODEL_FILE}, {RECORD_FILE} and "
+                         f"config.json); make one with tinybert export {model_dir} --format onnx")
+    if beside.exists() and beside.resolve() != onnx.resolve():
+        raise ValueError(f"{beside} goes up with the model as {SUBFOLDER}/, so --with-onnx {onnx} cannot: remove "
+                         f"one of the two")
+    try:
+        same = json.loads((onnx / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        same = False
+    if not same:
+        raise ValueError(f"--with-onnx {onnx} is the export of another model: its config.json differs from "
+                         f"{model_dir}'s")
+    return onnx
+
+
+def _onnx_section(export: Path, repo_id: str | None) -> dict:
+    """The card's "ONNX" facts: files, opset, parity, int8 score, ONNX Runtime speed and a usage snippet (that
+    downloads onnx/ from the Hub repo, or, for a card without a repo id, reads the local export)."""
+    from tinybert.onnx_export import INT8_FILE, SUBFOLDER, onnx_facts
+
+    facts = onnx_facts(export, repo=repo_id, folder=str(export))
+    files = [[f"`{SUBFOLDER}/{name}`", "int8 (dynamic quantisation)" if kind == "int8" else kind,
+              f"{(export / name).stat().st_size / 2**20:.1f} MB" if (export / name).is_file() else "-"]
+             for kind, name in facts["files"].items()]
+    result = facts["int8_eval"]
+    if INT8_FILE not in facts["files"].values():
+        int8 = None
+    elif result:
+        task = GLUE_NAMES.get(str(result["task"]).lower(), result["task"])
+        metric = METRIC_NAMES.get(result["metric"], result["metric"])
+        int8 = (f"{task} dev {metric.lower()} {result['int8']:.4f} against {result['fp32']:.4f} for fp32 "
+                f"({result['examples']} rows; {result['agreement']:.1%} of predictions unchanged)")
+    else:
+        int8 = "not measured at export (no task dev set was named or found)"
+    speed, setting = [], ""
+    if facts["speed"]:
+        bench = facts["speed"]  # a rundir.Bench
+        rows = (("PyTorch fp32", bench.vs), ("ONNX Runtime fp32", bench.model), ("ONNX Runtime int8", bench.int8))
+        ms = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        speed = [[label, ms(side.latency_ms_p50), ms(side.latency_ms_p95),
+                  "-" if side.throughput_seq_per_s is None else f"{side.throughput_seq_per_s:.0f}"]
+                 for label, side in rows if side is not None]
+        where = bench.machine or {}
+        parts = [("CPU", where.get("cpu")), ("threads", bench.model.threads), ("sequence length", bench.model.seq_len),
+                 ("throughput batch", bench.model.throughput_batch), ("onnxruntime", where.get("onnxruntime")),
+                 ("measured", where.get("date"))]
+        setting = ", ".join(f"{k} {_fmt(v)}" for k, v in parts if v not in (None, ""))
+    return {"files": files, "opset": facts["opset"], "output": facts["output"], "int8": int8,
+            "parity": f"{facts['parity_max_abs_diff']:.1e}", "checked_on": facts["parity_checked_on"],
+            "tolerance": f"{facts['parity_tolerance']:.0e}" if facts["parity_tolerance"] else None,
+            "speed": speed, "setting": setting, "usage": "\n".join(facts["usage"]),
+            "graph": INT8_FILE if int8 else None}
 
 
 # ------------------------------------------------------------------------------------------------------- push
@@ -533,22 +604,30 @@ def _check_repo_id(repo_id: str) -> None:
                         f"no '--' or '..', at most 96 characters") from None
 
 
-def _operations(model_dir: Path, card: str) -> list:
-    """One commit's additions: every regular file of the model folder, and the card as README.md. Hidden entries
-    (unfinished `.tmp-` saves, caches) and an existing README.md are left out; a symbolic link is refused, so that
-    nothing outside the folder is uploaded by way of one."""
+def _operations(model_dir: Path, card: str, export: Path | None = None) -> list:
+    """One commit's additions: every regular file of the model folder, the card as README.md, and the files of an
+    ONNX export kept elsewhere under onnx/ (MODEL_DIR/onnx goes up with the model folder). Hidden entries
+    (unfinished `.tmp-` saves, caches) and the model folder's README.md are left out; a symbolic link is refused,
+    so that nothing outside a folder is uploaded by way of one."""
     from huggingface_hub import CommitOperationAdd
 
+    from tinybert.onnx_export import SUBFOLDER
+
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-    for src in sorted(model_dir.rglob("*")):
-        rel = src.relative_to(model_dir)
-        if any(part.startswith(".") for part in rel.parts) or rel == Path("README.md"):
-            continue
-        if src.is_symlink():
-            raise PushError(f"{src} is a symbolic link; push uploads regular files only: replace it with a copy of "
-                            f"the file it points to")
-        if src.is_file():
-            operations.append(CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=str(src)))
+    folders = [(model_dir, Path())]
+    if export is not None and export.resolve() != (model_dir / SUBFOLDER).resolve():
+        folders.append((export, Path(SUBFOLDER)))
+    for folder, prefix in folders:
+        for src in sorted(folder.rglob("*")):
+            rel = src.relative_to(folder)
+            if any(part.startswith(".") for part in rel.parts) or (folder == model_dir and rel == Path("README.md")):
+                continue
+            if src.is_symlink():
+                raise PushError(f"{src} is a symbolic link; push uploads regular files only: replace it with a copy "
+                                f"of the file it points to")
+            if src.is_file():
+                operations.append(CommitOperationAdd(path_in_repo=(prefix / rel).as_posix(),
+                                                     path_or_fileobj=str(src)))
     return operations
 
 
@@ -566,14 +645,16 @@ def push(
     bench=None,
     license: str = "apache-2.0",
     base_model: str | None = None,
+    with_onnx: str | os.PathLike | None = None,
 ) -> str:
     """Upload an exported student with its model card to `repo_id` (created if missing, on branch `revision`).
 
     Everything that can be checked locally is checked before any request: the model directory, the repo id,
     the token (argument, HF_TOKEN, or `hf auth login`), offline mode; then the card is built. The model's files and
     the card as README.md go up in one commit (a README.md in `model_dir` is not uploaded, and nothing in
-    `model_dir` is written). The token is sent only in the Authorization header; errors are re-raised `from None`
-    so that no chained exception can carry it either. Returns the URL of the commit.
+    `model_dir` is written). An ONNX export, `with_onnx` or else MODEL_DIR/onnx, goes up as onnx/ in the same
+    commit and the card describes it (see `onnx_dir`). The token is sent only in the Authorization header; errors
+    are re-raised `from None` so that no chained exception can carry it either. Returns the URL of the commit.
     """
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import HfHubHTTPError
@@ -581,6 +662,10 @@ def push(
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
     _check_repo_id(repo_id)
+    try:
+        export = onnx_dir(model_dir, with_onnx)
+    except ValueError as e:
+        raise PushError(str(e)) from None
     token = token or get_token()
     if not token:
         raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
@@ -591,10 +676,10 @@ def push(
         raise PushError(f"endpoint {endpoint!r} is not an http(s) URL")
     try:
         card = model_card(model_dir, run_dirs=run_dirs, results=results, bench=bench, license=license,
-                          repo_id=repo_id, base_model=base_model)
+                          repo_id=repo_id, base_model=base_model, onnx=export)
     except ValueError as e:
         raise PushError(f"cannot write the model card: {_scrub(e, token)}") from None
-    operations = _operations(model_dir, card)
+    operations = _operations(model_dir, card, export)
 
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repository"
