@@ -43,8 +43,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinybert.data import DataError, Task, _glue_columns, _glue_folder, _read_records, file_sha256, get_task, load_task
-from tinybert.data import read_records
+from tinybert.data import (DataError, Task, _glue_columns, _glue_folder, _text_and_label_columns, file_sha256, get_task,
+                           load_task, read_records)
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -448,7 +448,7 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
     if len(text_columns) not in (1, 2):
         raise AugmentError(f"--text-columns names one or two columns, got {list(text_columns)}")
     path = Path(train)
-    _read_records(path, [*text_columns, label_column])  # checks every record (missing file, empty text, no rows)
+    _text_and_label_columns(path, [*text_columns, label_column])  # checks every record: missing file, empty text...
     columns, records, _ = read_records(path)
     if label_column not in records[0]:
         raise DataError(f"{path}: no label column {label_column!r} (set --label-column); the augmented rows copy it")

@@ -341,7 +341,7 @@ def load_custom(
     if len(text_columns) not in (1, 2):
         raise DataError(f"text_columns must name 1 or 2 columns, got {list(text_columns)}")
     wanted = [*text_columns, label_column]
-    raw = {split: _read_records(Path(path), wanted) for split, path in files.items()}
+    raw = {split: _text_and_label_columns(Path(path), wanted) for split, path in files.items()}
 
     _, train_labels, _ = raw["train"]
     if train_labels is None:
@@ -392,7 +392,7 @@ def load_split_file(
         if not path.is_file():
             raise DataError(f"missing file {path}")
         return _glue_split(path, task, split, labelled=True)
-    texts, labels, where = _read_records(path, [*task.text_columns, label_column])
+    texts, labels, where = _text_and_label_columns(path, [*task.text_columns, label_column])
     if labels is None:
         raise DataError(f"{path}: no label column {label_column!r}; its rows need the task's labels")
     ids = {} if task.is_regression else {n: i for i, n in enumerate(task.label_names)}
@@ -420,7 +420,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[str], list[dict], Callab
     return list(dict.fromkeys(k for r in records for k in r)), records, lambda i: located[i][0]
 
 
-def _read_records(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, Callable[[int], str]]:
+def _text_and_label_columns(path: Path, wanted: list[str]
+                            ) -> tuple[list[list[str]], list | None, Callable[[int], str]]:
     """Text columns (all required) and the label column (optional) of one custom file, every record checked.
     Returns the text columns, the labels (None without a label column) and where(i) for messages."""
     _, records, where = read_records(path)
