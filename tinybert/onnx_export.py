@@ -358,20 +358,9 @@ def export_onnx(model_dir: str | os.PathLike, output: str | os.PathLike | None =
                          "onnxruntime": onnxruntime.__version__},
         }
         if quantize:
-            quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE, external)
-            int8 = session(tmp / INT8_FILE)
-            drift = max(float(np.abs(run_session(int8, b) - run_session(fp32, b)).max()) for _, b in batches)
             record["files"]["int8"] = INT8_FILE
-            record["int8"] = {"quantization": "onnxruntime.quantization.quantize_dynamic: int8 weights per channel "
-                                              "(MatMul), activations quantised at run time",
-                              "max_abs_diff_vs_fp32": drift, "eval": None, "eval_note": dev_note}
-            if dev is not None:
-                result = score_int8(dev_task, dev, fp32, int8, tokenizer.pad_token_id)
-                record["int8"]["eval"] = result
-                echo(f"int8: {result['metric']} {result['int8']:.4f} vs fp32 {result['fp32']:.4f} on {dev_note}; "
-                     f"{result['agreement']:.1%} of predictions unchanged")
-            else:
-                echo(f"int8: written; accuracy not measured: {dev_note}")
+            record["int8"] = _int8(tmp, fp32, batches, external, (dev_task, dev, dev_note), tokenizer.pad_token_id,
+                                   echo)
         config_text = (model_dir / "config.json").read_text()
         (tmp / "config.json").write_text(config_text)
         tokenizer.save_pretrained(str(tmp))
@@ -380,6 +369,26 @@ def export_onnx(model_dir: str | os.PathLike, output: str | os.PathLike | None =
     sizes = ", ".join(f"{f} {(output / f).stat().st_size / 2**20:.1f} MB" for f in record["files"].values())
     echo(f"wrote {output}: {sizes}; serve it with onnxruntime.InferenceSession('{output / MODEL_FILE}') and "
          f"AutoTokenizer.from_pretrained('{output}')")
+    return record
+
+
+def _int8(tmp: Path, fp32, batches, external: bool, dev_set: tuple, pad_token_id: int, echo) -> dict:
+    """Quantise tmp/model.onnx to int8 beside it; its drift from fp32 on the parity batches and, when a dev set is
+    at hand (dev_set: task, tokenized dev split, note), its score against fp32's. Returns the record's "int8"."""
+    dev_task, dev, dev_note = dev_set
+    quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE, external)
+    int8 = session(tmp / INT8_FILE)
+    drift = max(float(np.abs(run_session(int8, b) - run_session(fp32, b)).max()) for _, b in batches)
+    record = {"quantization": "onnxruntime.quantization.quantize_dynamic: int8 weights per channel (MatMul), "
+                              "activations quantised at run time",
+              "max_abs_diff_vs_fp32": drift, "eval": None, "eval_note": dev_note}
+    if dev is None:
+        echo(f"int8: written; accuracy not measured: {dev_note}")
+        return record
+    result = score_int8(dev_task, dev, fp32, int8, pad_token_id)
+    record["eval"] = result
+    echo(f"int8: {result['metric']} {result['int8']:.4f} vs fp32 {result['fp32']:.4f} on {dev_note}; "
+         f"{result['agreement']:.1%} of predictions unchanged")
     return record
 
 

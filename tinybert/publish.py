@@ -51,7 +51,7 @@ class PushError(ValueError):
 
 
 @dataclass
-class Run:
+class RunRecord:
     """One run directory: the resolved recipe (with teacher/student/corpus) and its log records."""
 
     path: Path
@@ -76,7 +76,7 @@ class Run:
         return seen or list(RECIPE_STAGES.get(self.recipe.get("recipe"), ()))
 
 
-def read_run(path: str | os.PathLike) -> Run:
+def read_run(path: str | os.PathLike) -> RunRecord:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"run directory {path} does not exist")
@@ -92,7 +92,8 @@ def read_run(path: str | os.PathLike) -> Run:
         except yaml.YAMLError as e:
             raise ValueError(f"{recipe_file} is not valid YAML ({str(e).splitlines()[0]})") from None
     metrics = Metrics.read(run_dir.metrics) if run_dir.metrics.is_file() else None
-    return Run(path, recipe if isinstance(recipe, dict) else {}, [r for log in logs for r in read_log(log)], metrics)
+    records = [r for log in logs for r in read_log(log)]
+    return RunRecord(path, recipe if isinstance(recipe, dict) else {}, records, metrics)
 
 
 def _run_of(directory: Path) -> Path | None:
@@ -173,7 +174,7 @@ def _dev_splits(task: str) -> tuple[str, ...]:
     return TASKS[task.lower()].dev_splits if task.lower() in TASKS else ("validation",)
 
 
-def run_results(run: Run, model_dir: Path) -> list[Result]:
+def run_results(run: RunRecord, model_dir: Path) -> list[Result]:
     """The scores of `model_dir` in its run's metrics.json: the record of last/ for last/, else best/'s. Metrics of
     a second dev split are keyed "split/metric" (MNLI mismatched)."""
     m = run.metrics
@@ -289,7 +290,7 @@ def _md_link(name: str) -> str:
     return f"[`{hub}`](https://huggingface.co/{hub})" if hub else f"`{name}`"
 
 
-def _stage_terms(run: Run, stage: str) -> dict[str, float]:
+def _stage_terms(run: RunRecord, stage: str) -> dict[str, float]:
     """The loss terms a stage trained, as logged, with the recipe's weights (without a log: the recipe's terms
     that the stage runs)."""
     weights = run.recipe_for(stage).get("terms") or {}
@@ -311,7 +312,7 @@ def _uniform_map(teacher: str | None, student_layers: int) -> list[int] | None:
         return None
 
 
-def _stage_lines(run: Run, stage: str, student_layers: int) -> list[str]:
+def _stage_lines(run: RunRecord, stage: str, student_layers: int) -> list[str]:
     recipe = run.recipe_for(stage)
     terms = _stage_terms(run, stage)
     lines = []
@@ -397,7 +398,7 @@ def model_card(
     MODEL_DIR/bench.json when there is one). onnx: an ONNX export folder (`tinybert export`) to describe in an
     "ONNX" section as the repo's onnx/ subfolder (default: MODEL_DIR/onnx when it holds one; see `onnx_dir`).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     model_dir = Path(model_dir)
     model = load_model(model_dir)
@@ -410,63 +411,19 @@ def model_card(
 
     # Scores are those of the run that produced this model; earlier runs scored other models.
     found = run_results(runs[-1], model_dir) if runs else []
-    found += normalise_results(results)
-    found = [r for r in found if r.metrics]
+    found = [r for r in found + normalise_results(results) if r.metrics]
     if bench is None and (model_dir / BENCH).is_file():  # where `tinybert bench MODEL` writes by default
         bench = model_dir / BENCH
-    bench = read_bench(bench)
-
-    datasets = []
-    for run in runs:
-        for name in (run.recipe.get("corpus") or []) + [run.recipe.get("dataset")]:
-            if _hub_id(name) and name not in datasets:
-                datasets.append(name)
-        if str(run.recipe.get("task", "")).lower() in GLUE_NAMES and "nyu-mll/glue" not in datasets:
-            datasets.append("nyu-mll/glue")
-    for r in found:
-        hub = r.dataset or ("nyu-mll/glue" if r.task.lower() in GLUE_NAMES else None)
-        if _hub_id(hub) and hub not in datasets:
-            datasets.append(hub)
-    metric_names = list(dict.fromkeys(METRIC_TYPES.get(m, m) for r in found for m in r.metrics))
+    bench = read_bench(bench) or {}
 
     name = (repo_id or model_dir.resolve().name).split("/")[-1]
     if name in (STUDENT, BEST, LAST) and runs:  # RUN/best: the run names the model
         name = runs[-1].path.resolve().name
-    tags = ["tinybert", "distillation", "bert"] + (["text-classification"] if config.num_labels else [])
-    data = ModelCardData(
-        license=license, base_model=base_model, library_name="transformers",
-        pipeline_tag="text-classification" if config.num_labels else "feature-extraction",
-        tags=tags, datasets=datasets or None, metrics=metric_names or None,
-        model_name=name if found else None,
-        eval_results=[_eval_result(r, m, v) for r in found for m, v in r.metrics.items()] or None,
-    )
-
     total = model.num_parameters()["total"]
-    teacher_params = _count_parameters(teacher) if teacher and Path(teacher).is_dir() else None
-    if config.num_labels:
-        head = ("a regression head" if config.is_regression else
-                f"a classification head over {config.num_labels} labels "
-                f"({', '.join(str(v) for v in (config.id2label or {}).values()) or 'unnamed'})")
-    else:
-        head = "no task head"
-    m, v = (bench or {}).get("model") or {}, (bench or {}).get("vs") or {}
-    sizes = [["this model", _millions(total), *(_fmt(m.get(k) or "-") for k in ("p50", "p95", "throughput"))]]
-    # The reference is the model the bench compared with (usually the teacher), else the teacher, unmeasured.
-    reference, reference_params = None, None
-    if v:
-        reference = "the teacher" if v.get("name") in (None, teacher) else f"`{v['name']}`"
-        reference_params = v.get("params") or (teacher_params if v.get("name") in (None, teacher) else None)
-        sizes.append([reference, _millions(reference_params) if reference_params else "-",
-                      *(_fmt(v.get(k) or "-") for k in ("p50", "p95", "throughput"))])
-    elif teacher:
-        reference, reference_params = "the teacher", teacher_params
-        sizes.append([reference, _millions(teacher_params) if teacher_params else "-", "-", "-", "-"])
     export = onnx_dir(model_dir, onnx)
-    speedup = (bench or {}).get("speedup") or {}
-    speedup = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup.get("latency") else None,
-               f"**{speedup['throughput']:.2f}x** higher throughput" if speedup.get("throughput") else None]
     card = ModelCard.from_template(
-        data, template_path=str(CARD_TEMPLATE), name=name, params=_millions(total), head=head,
+        _card_data(config, runs, found, name, license=license, base_model=base_model),
+        template_path=str(CARD_TEMPLATE), name=name, params=_millions(total), head=_head_text(config),
         shape=f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, feed-forward "
               f"{config.intermediate_size}, {config.num_attention_heads} attention heads",
         teacher=teacher and _md_link(teacher), origin=origin and _md_link(origin),
@@ -476,14 +433,70 @@ def model_card(
         sources="; ".join(dict.fromkeys(r.source for r in found if r.source)),
         results=[[GLUE_NAMES.get(r.task.lower(), r.task), r.split, METRIC_NAMES.get(k, k), f"{x:.4f}"]
                  for r in found for k, x in r.metrics.items()],
-        sizes=sizes, measured=bool(bench), reference=reference,
-        speedup=", ".join(x for x in speedup if x) if any(speedup) and reference else None,
-        setting=", ".join(f"{k} {_fmt(x)}" for k, x in (bench or {}).get("setting", {}).items()),
-        fewer=f"{reference_params / total:.1f}" if reference_params else None,
+        **_size_facts(bench, total, teacher),
+        setting=", ".join(f"{k} {_fmt(x)}" for k, x in bench.get("setting", {}).items()),
         repo=repo_id or str(model_dir), config=config,
         onnx=_onnx_section(export, repo_id) if export else None,
     )
     return str(card)
+
+
+def _card_data(config, runs: list[RunRecord], found: list[Result], name: str, *, license: str,
+               base_model: str | None):
+    """The card's Hub metadata: license, base model, tags, datasets (hub ids only), metrics and model-index."""
+    from huggingface_hub import ModelCardData
+
+    datasets = []
+    for run in runs:
+        for name_ in (run.recipe.get("corpus") or []) + [run.recipe.get("dataset")]:
+            if _hub_id(name_) and name_ not in datasets:
+                datasets.append(name_)
+        if str(run.recipe.get("task", "")).lower() in GLUE_NAMES and "nyu-mll/glue" not in datasets:
+            datasets.append("nyu-mll/glue")
+    for r in found:
+        hub = r.dataset or ("nyu-mll/glue" if r.task.lower() in GLUE_NAMES else None)
+        if _hub_id(hub) and hub not in datasets:
+            datasets.append(hub)
+    metric_names = list(dict.fromkeys(METRIC_TYPES.get(m, m) for r in found for m in r.metrics))
+    return ModelCardData(
+        license=license, base_model=base_model, library_name="transformers",
+        pipeline_tag="text-classification" if config.num_labels else "feature-extraction",
+        tags=["tinybert", "distillation", "bert"] + (["text-classification"] if config.num_labels else []),
+        datasets=datasets or None, metrics=metric_names or None, model_name=name if found else None,
+        eval_results=[_eval_result(r, m, v) for r in found for m, v in r.metrics.items()] or None,
+    )
+
+
+def _head_text(config) -> str:
+    if not config.num_labels:
+        return "no task head"
+    if config.is_regression:
+        return "a regression head"
+    names = ", ".join(str(v) for v in (config.id2label or {}).values()) or "unnamed"
+    return f"a classification head over {config.num_labels} labels ({names})"
+
+
+def _size_facts(bench: dict, total: int, teacher: str | None) -> dict:
+    """The card's size-and-speed table: this model, and the model the bench compared it with (usually the teacher),
+    else the teacher unmeasured; the speed-up line; how many times fewer parameters."""
+    teacher_params = _count_parameters(teacher) if teacher and Path(teacher).is_dir() else None
+    m, v = bench.get("model") or {}, bench.get("vs") or {}
+    sizes = [["this model", _millions(total), *(_fmt(m.get(k) or "-") for k in ("p50", "p95", "throughput"))]]
+    reference, reference_params = None, None
+    if v:
+        reference = "the teacher" if v.get("name") in (None, teacher) else f"`{v['name']}`"
+        reference_params = v.get("params") or (teacher_params if v.get("name") in (None, teacher) else None)
+        sizes.append([reference, _millions(reference_params) if reference_params else "-",
+                      *(_fmt(v.get(k) or "-") for k in ("p50", "p95", "throughput"))])
+    elif teacher:
+        reference, reference_params = "the teacher", teacher_params
+        sizes.append([reference, _millions(teacher_params) if teacher_params else "-", "-", "-", "-"])
+    speedup = bench.get("speedup") or {}
+    speedup = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup.get("latency") else None,
+               f"**{speedup['throughput']:.2f}x** higher throughput" if speedup.get("throughput") else None]
+    return {"sizes": sizes, "measured": bool(bench), "reference": reference,
+            "speedup": ", ".join(x for x in speedup if x) if any(speedup) and reference else None,
+            "fewer": f"{reference_params / total:.1f}" if reference_params else None}
 
 
 # ------------------------------------------------------------------------------------------------------- onnx
