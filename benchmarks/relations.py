@@ -56,6 +56,7 @@ LOSSES = {  # loss: (label, bundled recipe, overrides of that recipe)
 DEFAULTS = {  # option: (full run, --quick), help
     "seeds": (("1,2,3", "1"), "seeds of the task runs (recipe key seed)"),
     "general_seeds": (("1", "1"), "seeds of the general distillations (each loss, each seed: one run)"),
+    "losses": (("tinybert,minilmv2", "tinybert,minilmv2"), "loss sets whose pieces run (the table shows both)"),
     "tasks": (("sst2,rte", "sst2"), "GLUE tasks of the task stage"),
     "after": (("finetune,distil", "finetune,distil"), "task stages: finetune (gold labels), distil (TinyBERT's)"),
     "teacher_examples": ((0, 256), "train rows for the teacher (0 = all)"),
@@ -82,7 +83,8 @@ def parse_args():
                                                   "TASK=DIR,... (e.g. sst2=runs/quality/teacher/best)")
     args = p.parse_args()
     args = experiment_args(p, args, DEFAULTS, "relations-quick" if args.quick else "relations",
-                           {"only": PIECES, "after": ("finetune", "distil"), "tasks": tuple(TASKS)})
+                           {"only": PIECES, "after": ("finetune", "distil"), "tasks": tuple(TASKS),
+                            "losses": tuple(LOSSES)})
     args.seeds, args.general_seeds = ([int(s) for s in v.split(",")] for v in (args.seeds, args.general_seeds))
     pairs = [item.split("=", 1) for item in args.teachers.split(",") if item]
     if any(len(pair) != 2 or pair[0] not in args.tasks for pair in pairs):
@@ -216,7 +218,8 @@ def main():
               "save_every=250", f"relation_heads={args.relation_heads}",
               *([f"precision={args.precision}"] if args.precision != "auto" else []),
               *(["heldout_fraction=0"] if args.quick else [])]
-    for loss, (_, recipe_name, overrides) in LOSSES.items():
+    for loss in args.losses:
+        _, recipe_name, overrides = LOSSES[loss]
         for gs in args.general_seeds:
             over = [*overrides, *budget, f"seed={gs}"]
             runner.piece("general", f"general {loss} g{gs}", out / "general" / f"{loss}-seed{gs}",
@@ -226,7 +229,7 @@ def main():
 
     for task in args.tasks:
         data, teacher = TaskSource(task=task, data_dir=str(glue)), teachers[task]
-        for loss in LOSSES:
+        for loss in args.losses:
             for gs in args.general_seeds:
                 student = out / "general" / f"{loss}-seed{gs}" / "student"
                 for seed in args.seeds:
