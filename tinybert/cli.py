@@ -403,9 +403,28 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
 USER_ERRORS = (ValueError, OSError)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: this one's arguments with --resume (and without
+    --overwrite, which would start it again)."""
+    import shlex
+
+    args = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        program = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]),
+                   "-m", "tinybert.cli"]
+    else:
+        program = ["tinybert"] if Path(sys.argv[0]).name == "tinybert" else [sys.executable, "-m", "tinybert.cli"]
+    return shlex.join(program + args)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns the exit code of a typer.Exit (typer's answer to Ctrl-C is Exit(130)).
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            if code == 130:
+                typer.echo("interrupted", err=True)
+            sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -421,8 +440,12 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except Exception as e:
-        from tinybert.train import TrainingError
+        from tinybert.train import Interrupted, TrainingError
 
+        if isinstance(e, Interrupted):  # Ctrl-C or SIGTERM in training: stopped after a checkpoint
+            if e.rank == 0:
+                typer.echo(f"{e}; continue with: {resume_command(sys.argv[1:] if argv is None else argv)}", err=True)
+            sys.exit(130)
         if not isinstance(e, USER_ERRORS + (TrainingError,)) or os.environ.get("TINYBERT_TRACEBACK"):
             raise
         typer.echo(f"error: {e}", err=True)

@@ -7,11 +7,11 @@ touched (the Agg canvas writes the PNGs, with no display needed).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
+from tinybert import rundir
 from tinybert.rundir import STAGE1, STAGE2, RunDir, is_finite_number
 
 SCHEDULE = {"lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
@@ -24,22 +24,12 @@ class ReportError(ValueError):
 
 
 def read_log(path: Path) -> list[dict]:
-    """log.jsonl records. A run killed mid-write may leave a partial last line, which is skipped; any other line
-    that is not JSON is an error naming it."""
-    records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise ReportError(f"{path} line {number} is not JSON; is this a log.jsonl written by tinybert?") from None
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """log.jsonl records (rundir.read_log: a torn last line is skipped, any other line that is not JSON is an
+    error naming it)."""
+    try:
+        return rundir.read_log(path)[0]
+    except ValueError as e:
+        raise ReportError(str(e)) from None
 
 
 def _keys(records: list[dict], exclude=()) -> list[str]:

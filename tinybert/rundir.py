@@ -8,13 +8,17 @@ that train.py, general.py and task.py bring in to write them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 RECIPE, LOG, TENSORBOARD, CHECKPOINTS = "recipe.yaml", "log.jsonl", "tensorboard", "checkpoints"
+MANIFEST = "manifest.json"  # in every checkpoint: each file's size and sha256, written last (see write_manifest)
+CHECKPOINT_NAME = re.compile(r"step-\d+")
 STUDENT, BEST, LAST, METRICS, BENCH = "student", "best", "last", "metrics.json", "bench.json"
 REPORT = "report"  # `tinybert report`'s plots and report.md, unless --out says elsewhere
 STAGE1, STAGE2 = "stage1", "stage2"
@@ -61,8 +65,24 @@ class RunDir:
         return self.path / CHECKPOINTS / f"{'.tmp-' if tmp else ''}step-{step:07d}"
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a `.tmp-` directory is a write that did not finish)."""
-        return sorted((self.path / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        """Checkpoint folders, oldest first (a `.tmp-` directory is a write that did not finish; a folder whose
+        name is not step-NNNNNNN is not one of ours: see odd_checkpoints). Whether one is complete and unchanged
+        is its manifest's say (manifest_problem)."""
+        return sorted((p for p in self._checkpoint_folders() if CHECKPOINT_NAME.fullmatch(p.name)),
+                      key=lambda p: int(p.name.split("-")[1]))
+
+    def odd_checkpoints(self) -> list[Path]:
+        """Entries under checkpoints/ that are neither a checkpoint nor an unfinished write (e.g. `step-abc`)."""
+        return sorted(p for p in self._checkpoint_folders()
+                      if not CHECKPOINT_NAME.fullmatch(p.name) and not p.name.startswith(".tmp-step-"))
+
+    def unfinished_checkpoints(self) -> list[Path]:
+        """`.tmp-step-*` folders: checkpoint writes a killed run never renamed into place."""
+        return sorted(p for p in self._checkpoint_folders() if p.name.startswith(".tmp-step-"))
+
+    def _checkpoint_folders(self) -> list[Path]:
+        folder = self.path / CHECKPOINTS
+        return list(folder.iterdir()) if folder.is_dir() else []
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints() if self.path.is_dir() else []
@@ -82,8 +102,87 @@ def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def write_atomic(path: Path, text: str):
+    """Write a whole file through a temporary file beside it and os.replace: a reader (or a run killed mid-write)
+    sees the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_json(record, path: Path):
-    path.write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    write_atomic(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+
+
+def read_log(path: Path) -> tuple[list[dict], bool]:
+    """log.jsonl's records, and whether its last line was torn (half a line from a run killed while appending it;
+    skipped). Any other line that is not JSON is a ValueError naming it."""
+    records, lines = [], path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                return records, True
+            raise ValueError(f"{path} line {number} is not JSON; is this a log.jsonl written by tinybert?") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records, False
+
+
+# ------------------------------------------------------------------------------------------------------ manifests
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Every file under `folder` but its manifest, by its path relative to `folder` (posix)."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
+
+
+def write_manifest(folder: Path):
+    """manifest.json: the size and sha256 of every file in a checkpoint folder, written once all of them are (and
+    before the folder is renamed into place), so --resume can tell a complete, unchanged checkpoint from a damaged
+    one before anything reads it."""
+    files = {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(folder).items()}
+    write_atomic(folder / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """None when the checkpoint `folder` holds exactly the files its manifest lists, each with its size and
+    sha256; else what is wrong, in a few words (the first problem found)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text()).get("files")
+    except FileNotFoundError:
+        return f"no {MANIFEST}: its write never finished, or an older tinybert wrote it"
+    except (OSError, ValueError, AttributeError):  # ValueError: not JSON, or not UTF-8
+        listed = None
+    if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
+        return f"its {MANIFEST} is unreadable"
+    found = _files(folder)
+    for name in sorted(set(listed) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in listed:
+            return f"{name} is not in its {MANIFEST}"
+        size = found[name].stat().st_size
+        if size != listed[name].get("size"):
+            return f"{name} has {size} bytes, its {MANIFEST} says {listed[name].get('size')}"
+        if _sha256(found[name]) != listed[name].get("sha256"):
+            return f"{name} differs from its {MANIFEST} (sha256)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- metrics.json

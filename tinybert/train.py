@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,11 +25,20 @@ import torch
 from torch import Tensor, nn
 
 from tinybert.recipe import Recipe
-from tinybert.rundir import WRITES, RunDir
+from tinybert.rundir import WRITES, RunDir, manifest_problem, read_log, write_atomic, write_manifest
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, bad output directory); earlier checkpoints stay intact."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run at a step boundary, once `checkpoint` was written; cli.py prints the
+    --resume command (rank 0) and exits 130."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"{signal_name}: stopped after step {step}; checkpoint {checkpoint} written")
+        self.checkpoint, self.rank = checkpoint, world()[0]
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -182,24 +195,35 @@ class PlainEngine:
     def get_global_grad_norm(self):
         return self.grad_norm
 
-    def save_checkpoint(self, directory: Path, client_state: dict):
+    def save_checkpoint(self, directory: Path):
+        """directory/state.pt: tensors, and the plain numbers and lists of the optimizer's and schedule's state
+        dicts, nothing that needs unpickling code to load (it loads with weights_only=True)."""
         state = {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "micro_steps": self.micro_steps,
-            "client_state": client_state,
         }
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(state, directory / "state.pt")
 
-    def load_checkpoint(self, directory: Path) -> dict:
-        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=False)
+    def load_checkpoint(self, directory: Path):
+        state = load_tensors(directory / "state.pt", self.device)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]
-        return state["client_state"]
+
+
+def load_tensors(path: Path, device) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers load, any other pickled object (code that
+    would run on load) is refused in one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainingError(f"{path} holds pickled objects besides tensors; refused to load it (weights_only): a "
+                            f"checkpoint tinybert writes never does, so this one was altered or made elsewhere; "
+                            f"do not resume from it") from None
 
 
 def _average_across_processes(tensors: list[Tensor]):
@@ -261,14 +285,15 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
-    def save_checkpoint(self, directory: Path, client_state: dict):
-        self.engine.save_checkpoint(str(directory), tag="deepspeed", client_state=client_state)
+    def save_checkpoint(self, directory: Path):
+        self.engine.save_checkpoint(str(directory), tag="deepspeed")
 
-    def load_checkpoint(self, directory: Path) -> dict:
-        path, client_state = self.engine.load_checkpoint(str(directory), tag="deepspeed")
+    def load_checkpoint(self, directory: Path):
+        # DeepSpeed's loader unpickles its files (torch.load with weights_only=False); the caller has checked them
+        # against the checkpoint's manifest first (docs/resume.md).
+        path, _ = self.engine.load_checkpoint(str(directory), tag="deepspeed")
         if path is None:
             raise TrainingError(f"DeepSpeed could not load the checkpoint in {directory}")
-        return client_state
 
 
 def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: torch.device):
@@ -296,24 +321,28 @@ def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: to
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict[str, Tensor], dict]:
+    """This process's RNG states as tensors (rng.pt) and the numbers beside them (state.json): python's and numpy's
+    Mersenne Twister keys as int64 tensors, torch's (and this process's GPU's) byte states as they are."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {"python": torch.tensor(keys, dtype=torch.int64), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         # This process's GPU only: get_rng_state_all() would start a CUDA context on every visible GPU from every
         # rank (memory on each GPU times the ranks), and a resume on another GPU count could not restore it.
-        state["cuda"] = torch.cuda.get_rng_state(default_device())
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state(default_device())
+    return tensors, {"python": [version, gauss], "numpy": [name, int(position), int(has_gauss), float(cached)]}
 
 
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # checkpoints written before one GPU's state was kept
-            cuda = cuda[default_device().index or 0]
-        torch.cuda.set_rng_state(cuda, default_device())
+def set_rng_state(tensors: dict[str, Tensor], numbers: dict):
+    version, gauss = numbers["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss))
+    name, position, has_gauss, cached = numbers["numpy"]
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"], default_device())
 
 
 def seed_everything(seed: int):
@@ -323,18 +352,25 @@ def seed_everything(seed: int):
 
 
 def save_checkpoint(engine, run_dir: RunDir, client_state: dict, keep: int) -> Path:
-    """Write into a temporary directory, then rename: a crash mid-write never leaves a half checkpoint."""
+    """Write into a temporary directory, manifest last, then rename: a crash mid-write never leaves a half
+    checkpoint under a checkpoint's name. Each rank writes rank{r}/state.json (the loop's state, JSON) and
+    rank{r}/rng.pt (its RNG states: every rank's differ); the engine its own files (rank{r}/state.pt, or DeepSpeed's
+    deepspeed/)."""
     rank, _ = world()
     step = client_state["step"]
     final, tmp = run_dir.checkpoint(step), run_dir.checkpoint(step, tmp=True)
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
-    # Every rank's RNG differs; each keeps its own.
-    client_state = dict(client_state, rng=rng_state())
-    engine.save_checkpoint(tmp / f"rank{rank}" if isinstance(engine, PlainEngine) else tmp, client_state)
+    own = tmp / f"rank{rank}"
+    engine.save_checkpoint(own if isinstance(engine, PlainEngine) else tmp)
+    own.mkdir(parents=True, exist_ok=True)
+    tensors, numbers = rng_state()
+    torch.save(tensors, own / "rng.pt")
+    (own / "state.json").write_text(json.dumps(dict(client_state, rng=numbers), indent=1) + "\n")
     barrier()
     if rank == 0:
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -345,10 +381,35 @@ def save_checkpoint(engine, run_dir: RunDir, client_state: dict, keep: int) -> P
 
 
 def load_checkpoint(engine, path: Path) -> dict:
-    rank, _ = world()
-    client_state = engine.load_checkpoint(path / f"rank{rank}" if isinstance(engine, PlainEngine) else path)
-    set_rng_state(client_state["rng"])
+    """Restore a checkpoint whose manifest was checked (resume_point): the engine's state, this rank's RNG states;
+    returns the loop's state (state.json)."""
+    own = path / f"rank{world()[0]}"
+    engine.load_checkpoint(own if isinstance(engine, PlainEngine) else path)
+    client_state = json.loads((own / "state.json").read_text())
+    set_rng_state(load_tensors(own / "rng.pt", "cpu"), client_state.pop("rng"))
     return client_state
+
+
+def resume_point(run_dir: RunDir, echo) -> Path | None:
+    """--resume's checkpoint: the newest one whose manifest holds (rundir.manifest_problem), checked before any
+    engine reads a byte of it. Damaged newer ones are named in one line and passed over; when every checkpoint is
+    damaged the run stops, naming what to delete. Folders under checkpoints/ that are not ours are named and left."""
+    for odd in run_dir.odd_checkpoints():
+        echo(f"note: ignoring {odd}: not a checkpoint folder (those are named step-NNNNNNN)")
+    damaged = []
+    for path in reversed(run_dir.checkpoints()):
+        problem = manifest_problem(path)
+        if problem is None:
+            if damaged:
+                echo(f"warning: damaged checkpoint {'; '.join(damaged)}; resuming from the previous complete one, "
+                     f"{path.name}")
+            return path
+        damaged.append(f"{path} ({problem})")
+    if damaged:
+        raise TrainingError(f"--resume: no complete checkpoint: damaged {'; '.join(damaged)}; delete "
+                            f"{'that folder' if len(damaged) == 1 else 'those folders'} and start again with "
+                            f"--overwrite")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ run directories
@@ -384,7 +445,7 @@ def write_recipe(run_dir: RunDir, record: dict):
 
     if world()[0] == 0:
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.recipe.write_text(yaml.safe_dump(record, sort_keys=False))
+        write_atomic(run_dir.recipe, yaml.safe_dump(record, sort_keys=False))
 
 
 def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device: torch.device, *, resume: bool,
@@ -398,10 +459,15 @@ def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device:
     loaded, before the first step (where --overwrite clears the old run: a run that fails to set up leaves it)."""
     import copy
 
-    latest = run_dir.latest_checkpoint() if resume else None
+    latest = resume_point(run_dir, echo) if resume else None
+    if resume and world()[0] == 0:
+        for unfinished in run_dir.unfinished_checkpoints():  # writes a killed run never finished
+            shutil.rmtree(unfinished)
     stage.module.to(device)
     engine = build_engine(stage.module, recipe, steps, device)
     resumed = load_checkpoint(engine, latest) if latest else None
+    if resume:
+        trim_log(run_dir, stage.name, resumed["step"] if resumed else 0, echo)
     if resumed:
         for key, value in (extra_state or {}).items():
             value.update(copy.deepcopy(resumed[key]))
@@ -430,21 +496,32 @@ class Stage:
     on_eval: Callable[[int, dict[str, float]], None] | None = None  # e.g. keep the best checkpoint
 
 
+def trim_log(run_dir: RunDir, stage: str, step: int, echo):
+    """On --resume, before the loop appends to log.jsonl (rank 0): steps after the checkpoint's `step` are run
+    again, so the interrupted run's lines for them go; so does a torn last line (half a line from a run killed while
+    writing it), said in one line."""
+    if world()[0] != 0 or not run_dir.log.is_file():
+        return
+    try:
+        records, torn = read_log(run_dir.log)
+    except ValueError as e:
+        raise TrainingError(f"--resume: {e}") from None
+    if torn:
+        echo(f"note: dropped the torn last line of {run_dir.log} (a run killed while writing it)")
+    kept = [record for record in records if not _after(record, stage, step)]
+    write_atomic(run_dir.log, "".join(json.dumps(record) + "\n" for record in kept))
+
+
 class RunLog:
     """JSONL (one line per optimizer step and per evaluation) and TensorBoard scalars, written by rank 0."""
 
-    def __init__(self, run_dir: RunDir, stage: str, resume_step: int | None):
+    def __init__(self, run_dir: RunDir, stage: str):
         self.rank = world()[0]
         self.stage = stage
         self.path = run_dir.log
         self.tb = None
         if self.rank != 0:
             return
-        if resume_step is not None and self.path.exists():
-            # Steps after the checkpoint are run again: drop what the interrupted run logged for them.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if not _after(json.loads(line), stage, resume_step)]
-            self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -501,15 +578,15 @@ def train(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, steps: int, *, 
 
     Data order: epoch e's micro-batches come from stage.plan(e); rank r takes every world_size-th one.
     A checkpoint records (epoch, micro-batch) so a resumed run sees exactly the batches it had not seen.
+    Ctrl-C or SIGTERM: the step under way finishes, a checkpoint is written and Interrupted is raised.
     """
     from tqdm.auto import tqdm
 
     rank, world_size = world()
-    device = engine.device
     per_epoch = micro_batches_per_epoch(stage, recipe)
     step = resume["step"] if resume else 0
     epoch, position = (resume["epoch"], resume["position"]) if resume else (0, 0)
-    log = RunLog(run_dir, stage.name, step if resume else None)
+    log = RunLog(run_dir, stage.name)
     bar = tqdm(total=steps, initial=step, desc=stage.name, disable=not progress or rank != 0, dynamic_ncols=True)
     engine.module.train()
     tokens, started, window = 0, time.perf_counter(), {}
@@ -518,60 +595,117 @@ def train(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, steps: int, *, 
         return {"stage": stage.name, "step": step, "epoch": epoch, "position": position,
                 "recipe": recipe.to_dict(), **(extra_state or {})}
 
-    while step < steps:
-        plan = stage.plan(epoch)[: per_epoch * world_size]
-        mine = plan[rank::world_size]
-        while position < len(mine) and step < steps:
-            rows = stage.dataset[mine[position]]
-            batch = stage.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
-            # Pinned host memory makes the copy to a GPU asynchronous; on the CPU both are no-ops.
-            pin = device.type == "cuda"
-            batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
-            terms = engine(batch)
-            loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
-            if not torch.isfinite(loss):
-                bar.close()  # end the progress line, so the error is a line of its own
-                log.close()
-                raise _non_finite(stage, recipe, run_dir, step, loss, terms)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
-            position += 1
-            tokens += int(batch["attention_mask"].sum()) * world_size
-            for name, value in terms.items():
-                window[name] = window.get(name, 0.0) + value.item() / recipe.grad_accum
-            if not boundary:
-                continue
-            step += 1
-            elapsed = time.perf_counter() - started
-            record = {"kind": "train", "step": step, "epoch": epoch, "loss": sum(
-                stage.weights.get(k, 1.0) * v for k, v in window.items()), **window,
-                "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": engine.get_global_grad_norm(),
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
-            log.write(record)
-            if step % recipe.log_every == 0 or step == steps:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in window.items()} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-            bar.update(1)
-            window = {}
-            epoch_done = position == len(mine)
-            if epoch_done:  # the checkpoint below then points at the start of the next epoch
-                epoch, position = epoch + 1, 0
-            if stage.evaluate is not None and (_due(step, recipe.eval_every, epoch_done) or step == steps):
-                metrics = stage.evaluate(engine.module)
-                engine.module.train()
-                log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
-                if rank == 0:
-                    bar.write(f"[{stage.name}] step {step} eval: "
-                              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                if stage.on_eval is not None:
-                    stage.on_eval(step, metrics)
-            if _due(step, recipe.save_every, epoch_done) or step == steps:
-                save_checkpoint(engine, run_dir, client_state(), recipe.keep_checkpoints)
-            if epoch_done:
-                break
-    bar.close()
-    log.close()
+    with StopSignal() as stop:
+        try:
+            while step < steps:
+                mine = stage.plan(epoch)[: per_epoch * world_size][rank::world_size]
+                while position < len(mine) and step < steps:
+                    boundary, batch_tokens = _micro_step(stage, engine, recipe, run_dir, step, mine[position], window)
+                    position, tokens = position + 1, tokens + batch_tokens
+                    if not boundary:
+                        continue
+                    step += 1
+                    elapsed = time.perf_counter() - started
+                    _log_step(log, bar, stage, engine, step, epoch, window, tokens / elapsed if elapsed > 0 else 0.0,
+                              show=step % recipe.log_every == 0 or step == steps)
+                    window = {}
+                    epoch_done = position == len(mine)
+                    if epoch_done:  # the checkpoint below then points at the start of the next epoch
+                        epoch, position = epoch + 1, 0
+                    if stage.evaluate is not None and (_due(step, recipe.eval_every, epoch_done) or step == steps):
+                        _evaluate(stage, engine, log, bar, step, epoch)
+                    saved = None
+                    if _due(step, recipe.save_every, epoch_done) or step == steps:
+                        saved = save_checkpoint(engine, run_dir, client_state(), recipe.keep_checkpoints)
+                    if stop.requested(engine.device):
+                        saved = saved or save_checkpoint(engine, run_dir, client_state(), recipe.keep_checkpoints)
+                        raise Interrupted(stop.received or "a signal to another process", step, saved)
+                    if epoch_done:
+                        break
+        finally:  # the progress line ends before any error is printed, so the error is a line of its own
+            bar.close()
+            log.close()
     return step
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM while the loop runs: noted, so the loop stops at the next step boundary once a
+    checkpoint is written, instead of dying mid-step. A second signal stops at once (KeyboardInterrupt). Installed
+    only in the main thread (the one Python delivers signals to); the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        if world()[0] == 0:
+            print(f"\n{self.received}: stopping after this step, once its checkpoint is written (a second one "
+                  f"stops at once, without it)", file=sys.stderr, flush=True)
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether this process, or any other, got a signal: every rank stops after the same step."""
+        if world()[1] == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _micro_step(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, step: int, indices: list[int],
+                window: dict[str, float]) -> tuple[bool, int]:
+    """Forward, backward and (at an accumulation boundary) the update on one micro-batch; its terms are added to
+    `window`. Returns whether the optimizer stepped, and the batch's tokens over all processes."""
+    device = engine.device
+    rows = stage.dataset[indices]
+    batch = stage.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+    # Pinned host memory makes the copy to a GPU asynchronous; on the CPU both are no-ops.
+    pin = device.type == "cuda"
+    batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+    terms = engine(batch)
+    loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
+    if not torch.isfinite(loss):
+        raise _non_finite(stage, recipe, run_dir, step, loss, terms)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(loss)
+    engine.step()
+    for name, value in terms.items():
+        window[name] = window.get(name, 0.0) + value.item() / recipe.grad_accum
+    return boundary, int(batch["attention_mask"].sum()) * world()[1]
+
+
+def _log_step(log: RunLog, bar, stage: Stage, engine, step: int, epoch: int, window: dict[str, float],
+              tokens_per_s: float, show: bool):
+    record = {"kind": "train", "step": step, "epoch": epoch, "loss": sum(
+        stage.weights.get(k, 1.0) * v for k, v in window.items()), **window,
+        "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": engine.get_global_grad_norm(),
+        "tokens_per_s": tokens_per_s}
+    log.write(record)
+    if show:
+        bar.set_postfix({k: f"{v:.4g}" for k, v in window.items()} | {"tok/s": f"{tokens_per_s:.0f}"})
+    bar.update(1)
+
+
+def _evaluate(stage: Stage, engine, log: RunLog, bar, step: int, epoch: int):
+    metrics = stage.evaluate(engine.module)
+    engine.module.train()
+    log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
+    if world()[0] == 0:
+        bar.write(f"[{stage.name}] step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if stage.on_eval is not None:
+        stage.on_eval(step, metrics)
 
 
 def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: Tensor, terms: dict) -> TrainingError:
