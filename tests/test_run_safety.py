@@ -81,6 +81,17 @@ def assert_same_student(output: Path, reference: Path):
     assert not list((output / "checkpoints").glob(".tmp-*"))
 
 
+def refused_resume(inputs: dict, output: Path) -> str:
+    """--resume on `output` that must stop: exit 1, one error line (returned), nothing changed in or outside the
+    run."""
+    before = outside(inputs), snapshot(output)
+    result = tinybert(*command(inputs, output), "--resume")
+    line = error_line(result)
+    assert result.returncode == 1
+    assert (outside(inputs), snapshot(output)) == before
+    return line
+
+
 def lines_with(text: str, needle: str) -> list[str]:
     return [line for line in text.splitlines() if needle in line]
 
@@ -151,15 +162,11 @@ def test_a_crafted_pickle_in_state_pt_is_refused_and_never_runs(inputs, referenc
     marker = tmp_path / "payload-ran"
     torch.save({"module": Payload(marker)}, step / "rank0" / "state.pt")
     write_manifest(step)  # as its maker would: the manifest checks damage, weights_only the content
-    before = outside(inputs), snapshot(output)
-    result = tinybert(*command(inputs, output), "--resume")
-    line = error_line(result)
-    assert result.returncode == 1
+    line = refused_resume(inputs, output)
     assert line == (f"error: {step / 'rank0' / 'state.pt'} holds pickled objects besides tensors; refused to load "
                     f"it (weights_only): a checkpoint tinybert writes never does, so this one was altered or made "
                     f"elsewhere; do not resume from it"), line
     assert not marker.exists()
-    assert (outside(inputs), snapshot(output)) == before
     # The payload is live: an unguarded load runs it (so the test above could fail).
     torch.load(step / "rank0" / "state.pt", weights_only=False)
     assert marker.exists()
@@ -210,14 +217,10 @@ def test_no_complete_checkpoint_stops_in_one_line_naming_what_to_delete(inputs, 
     newest, previous = (output / "checkpoints" / f"step-{s:07d}" for s in (STEPS, 4))
     _flip(newest / "rank0" / "state.pt")
     (previous / "manifest.json").unlink()
-    before = outside(inputs), snapshot(output)
-    result = tinybert(*command(inputs, output), "--resume")
-    line = error_line(result)
-    assert result.returncode == 1
+    line = refused_resume(inputs, output)
     assert line == (f"error: --resume: no complete checkpoint: damaged {newest} (rank0/state.pt differs from its "
                     f"manifest.json (sha256)); {previous} (no manifest.json: its write never finished, or an older "
                     f"tinybert wrote it); delete those folders and start again with --overwrite"), line
-    assert (outside(inputs), snapshot(output)) == before
 
 
 def test_torn_log_line_odd_folder_and_unfinished_write_do_not_block_resume(inputs, reference, tmp_path):
