@@ -460,12 +460,12 @@ def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device:
     import copy
 
     latest = resume_point(run_dir, echo) if resume else None
-    if resume and world()[0] == 0:
-        for unfinished in run_dir.unfinished_checkpoints():  # writes a killed run never finished
-            shutil.rmtree(unfinished)
     stage.module.to(device)
     engine = build_engine(stage.module, recipe, steps, device)
     resumed = load_checkpoint(engine, latest) if latest else None
+    if resume and world()[0] == 0:  # once the checkpoint loaded: a refused resume changes nothing
+        for unfinished in run_dir.unfinished_checkpoints():  # writes a killed run never finished
+            shutil.rmtree(unfinished)
     if resume:
         trim_log(run_dir, stage.name, resumed["step"] if resumed else 0, echo)
     if resumed:
