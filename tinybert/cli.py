@@ -405,6 +405,15 @@ USER_ERRORS = (ValueError, OSError)
 
 def main(argv: list[str] | None = None) -> None:
     try:
+        _run_app(argv)
+    finally:  # a command run in-process (tests, notebooks) frees its --output for the next one
+        from tinybert.guards import release_locks
+
+        release_locks()
+
+
+def _run_app(argv: list[str] | None) -> None:
+    try:
         app(args=argv, standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
