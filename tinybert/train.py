@@ -604,8 +604,8 @@ def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: 
                   "--output; --resume keeps the learning rate) with a lower learning_rate"
                   + (" or precision=fp32" if recipe.precision != "fp32" else ""))
     return TrainingError(
-        f"stage {stage.name}: loss is {loss.item()} at step {step + 1}, non-finite in {', '.join(bad) or 'the sum'} "
-        f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+        f"stage {stage.name}: loss is {loss.item()} at step {step + 1} (non-finite in {', '.join(bad) or 'the sum'}: "
+        f"{', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
         f"{'the last checkpoint ' + last.name + ' is intact' if last else 'no checkpoint was written'}; {advice}"
     )
 
