@@ -594,15 +594,16 @@ def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: 
     non-finite (then the teacher is the problem, and a lower learning_rate cannot help), where the run can go on."""
     last = run_dir.latest_checkpoint()
     bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-    broken = _teacher_non_finite(stage.module, batch)
+    teacher = getattr(stage.module, "teacher", None)  # None when fine-tuning
+    broken = _teacher_non_finite(teacher, batch) if teacher is not None else None
     if broken:
         advice = (f"the teacher's outputs on this batch were already non-finite ({broken}), so the student cannot "
                   f"learn from them: check the teacher's weights (tinybert info TEACHER; re-export it)"
                   + (" or run it in precision=fp32" if recipe.precision != "fp32" else ""))
     else:
-        advice = ("the teacher's outputs are finite, so the student diverged: start again (--overwrite, or another "
-                  "--output; --resume keeps the learning rate) with a lower learning_rate"
-                  + (" or precision=fp32" if recipe.precision != "fp32" else ""))
+        who = "the teacher's outputs are finite, so the student" if teacher is not None else "the model"
+        advice = (f"{who} diverged: start again (--overwrite, or another --output; --resume keeps the learning "
+                  f"rate) with a lower learning_rate" + (" or precision=fp32" if recipe.precision != "fp32" else ""))
     return TrainingError(
         f"stage {stage.name}: loss is {loss.item()} at step {step + 1} (non-finite in {', '.join(bad) or 'the sum'}: "
         f"{', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
@@ -611,12 +612,9 @@ def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: 
 
 
 @torch.no_grad()
-def _teacher_non_finite(module: nn.Module, batch: dict[str, Tensor]) -> str | None:
+def _teacher_non_finite(teacher: nn.Module, batch: dict[str, Tensor]) -> str | None:
     """Where the teacher's outputs on `batch` are NaN or infinite (its cached logits, a hidden state, a layer's
-    attention scores, its logits), or None: also None for a run without a teacher (fine-tuning)."""
-    teacher = getattr(module, "teacher", None)
-    if teacher is None:
-        return None
+    attention scores, its logits), or None."""
     if "teacher_logits" in batch and not torch.isfinite(batch["teacher_logits"]).all():
         return "its cached logits"
     layers = set(range(1, teacher.config.num_hidden_layers + 1))
