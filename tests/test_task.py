@@ -3,9 +3,7 @@ local GLUE tasks with the real MiniLM as the teacher: metrics checked against sc
 predictions, the teacher-logit cache (no teacher forward in stage 2 after the first pass), resume across stages,
 the paper's per-task settings, and one-line errors that leave --output untouched."""
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import shutil
@@ -21,29 +19,18 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from tinybert import task as task_module
 from tinybert.checkpoint import load_model, load_tokenizer, save_model
-from tinybert.cli import main
 from tinybert.data import DataError, get_task, load_split_file
 from tinybert.model import Bert, BertConfig
 from tinybert.recipe import RecipeError, load_recipe
 from tinybert.rundir import RunDir
 from tinybert.task import for_task, logits_key, with_head
 
+from launch import cli  # tests/launch.py
+
 # 8 rows at batch 8: one optimizer step per epoch, one evaluation per epoch, on CPU in seconds.
 SMALL = ("max_train_examples=8", "max_eval_examples=8", "batch_size=8", "precision=fp32", "keep_checkpoints=2")
 GLUE_TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
 SUBMISSION_FILES = {"sst2": "SST-2.tsv", "mrpc": "MRPC.tsv", "rte": "RTE.tsv", "cola": "CoLA.tsv", "stsb": "STS-B.tsv"}
-
-
-def cli(*args) -> tuple[int, str, str]:
-    """Run `tinybert ARGS` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code or 0
-    return code, out.getvalue(), err.getvalue()
 
 
 def read_log(path: Path) -> list[dict]:

@@ -419,6 +419,15 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     try:
+        _run_app(argv)
+    finally:  # a command run in-process (tests, notebooks) frees its --output for the next one
+        from tinybert.guards import release_locks
+
+        release_locks()
+
+
+def _run_app(argv: list[str] | None) -> None:
+    try:
         # standalone_mode=False returns the exit code of a typer.Exit (typer's answer to Ctrl-C is Exit(130)).
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:

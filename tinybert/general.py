@@ -13,6 +13,7 @@ import yaml
 from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.corpus import build_corpus, collate_packed, corpus_stats
 from tinybert.distill import Distiller
+from tinybert.guards import check_model_configs, check_same_vocabulary, check_schedule, run_fingerprint
 from tinybert.model import PRESETS, Bert, BertConfig
 from tinybert.recipe import Recipe
 from tinybert.rundir import RunDir
@@ -84,8 +85,14 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
                 echo=print) -> Path | None:
     """Distil `teacher` into `student` on `corpus`; returns the exported student directory (None on a dry run)."""
     run_dir = RunDir(output)
+    models = {"teacher": teacher, "student": student}
+    check_schedule(recipe)
+    check_model_configs(models)
+    fingerprint = None
     if not dry_run:
-        check_output(run_dir, "general", resume=resume, overwrite=overwrite, needs_checkpoint=True)
+        fingerprint = run_fingerprint(recipe.to_dict(), models=models, data={"corpus": corpus})
+        check_output(run_dir, "general", resume=resume, overwrite=overwrite, needs_checkpoint=True,
+                     inputs={**models, "corpus": corpus}, fingerprint=fingerprint, echo=echo)
     run = start_run(recipe, dry_run=dry_run)
     say = run.say(echo)
     teacher_model = load_model(teacher)
@@ -93,6 +100,7 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     recipe = dataclasses.replace(recipe, precision=verdict.precision)
     tokenizer = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
     student_model = build_student(student, teacher_model)
+    check_same_vocabulary(student, tokenizer)
     terms = {name: weight for name, weight in recipe.terms.items() if name != "prediction"}
     if not terms:
         raise TrainingError("general distillation needs at least one loss term besides prediction (embedding, "
@@ -124,7 +132,8 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
         if overwrite and not resume:
             clear_output(run_dir, "general")
         write_recipe(run_dir, {**recipe.to_dict(), "teacher": str(teacher), "student": student,
-                              "corpus": [str(c) for c in corpus], "precision_decision": verdict.to_dict()})
+                              "corpus": [str(c) for c in corpus], "precision_decision": verdict.to_dict()},
+                     fingerprint)
 
     teacher_model.to(run.device, teacher_dtype(recipe.precision))
     engine = run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, on_start=start, progress=progress,

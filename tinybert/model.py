@@ -50,6 +50,13 @@ class BertConfig:
     id2label: dict[int, str] | None = None
 
     def __post_init__(self):
+        # Values no BERT can have are refused here, as config.json is read: before they surface as an IndexError
+        # in the embeddings or a ZeroDivisionError in the head width.
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} is {value!r}; a BERT needs a whole number of at least 1")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "

@@ -644,6 +644,25 @@ def _operations(model_dir: Path, card: str, export: Path | None = None) -> list:
     return operations
 
 
+def _check_before_push(model_dir: Path, repo_id: str, token: str | None, endpoint: str, with_onnx) -> Path | None:
+    """Everything push checks locally before any request; returns the ONNX export to upload (or None)."""
+    from huggingface_hub import constants
+
+    _check_model_dir(model_dir)
+    _check_repo_id(repo_id)
+    try:
+        export = onnx_dir(model_dir, with_onnx)
+    except ValueError as e:
+        raise PushError(str(e)) from None
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    if constants.is_offline_mode():
+        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
+    if not re.match(r"^https?://[^/\s]+", endpoint):
+        raise PushError(f"endpoint {endpoint!r} is not an http(s) URL")
+    return export
+
+
 def push(
     model_dir: str | os.PathLike,
     repo_id: str,
@@ -672,27 +691,25 @@ def push(
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.utils import HfHubHTTPError
 
-    model_dir = Path(model_dir)
-    _check_model_dir(model_dir)
-    _check_repo_id(repo_id)
-    try:
-        export = onnx_dir(model_dir, with_onnx)
-    except ValueError as e:
-        raise PushError(str(e)) from None
     token = token or get_token()
-    if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
-    if constants.is_offline_mode():
-        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", endpoint):
-        raise PushError(f"endpoint {endpoint!r} is not an http(s) URL")
+    if token and (token in repo_id or token in endpoint):
+        # Pasted in the wrong place: it would travel in URLs and land in logs and in the repository's name.
+        raise PushError(f"the {'repo id' if token in repo_id else 'endpoint'} holds your Hugging Face token; give "
+                        f"OWNER/NAME and a bare URL, the token goes in HF_TOKEN (and revoke it if it was shared)")
+    try:
+        export = _check_before_push(Path(model_dir), repo_id, token, endpoint, with_onnx)
+    except PushError as e:  # every message without the token, whatever it quotes (a path, a repo id, a URL)
+        raise PushError(_scrub(e, token)) from None
+    model_dir = Path(model_dir)
     try:
         card = model_card(model_dir, run_dirs=run_dirs, results=results, bench=bench, license=license,
                           repo_id=repo_id, base_model=base_model, onnx=export)
+        operations = _operations(model_dir, card, export)
+    except PushError as e:
+        raise PushError(_scrub(e, token)) from None
     except ValueError as e:
         raise PushError(f"cannot write the model card: {_scrub(e, token)}") from None
-    operations = _operations(model_dir, card, export)
 
     api = HfApi(endpoint=endpoint, token=token)
     step = "create the repository"

@@ -87,13 +87,18 @@ class Recipe:
             allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
             if allowed and getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "relation_heads")
+        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "relation_heads",
+                    "learning_rate", "adam_eps", "temperature")
         for key in positive:
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise RecipeError(f"recipe key {key} must be positive, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "max_train_examples", "max_eval_examples", "epochs"):
+        for key in ("eval_every", "save_every", "max_train_examples", "max_eval_examples", "epochs", "max_steps",
+                    "weight_decay", "max_grad_norm", "warmup_ratio", "heldout_fraction"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise RecipeError(f"recipe key {key} must be 0 or more, got {getattr(self, key)}")
+        if self.warmup_ratio > 1 or self.heldout_fraction >= 1:  # fractions of the steps, of the corpus
+            raise RecipeError(f"recipe keys warmup_ratio (0 to 1) and heldout_fraction (0 to below 1) are fractions, "
+                              f"got {self.warmup_ratio} and {self.heldout_fraction}")
         if self.recipe == "general" and (self.max_seq_length is None or self.epochs is None):
             raise RecipeError("recipe keys max_seq_length and epochs may be null only in task and finetune recipes")
         for task, epochs in self.task_epochs.items():

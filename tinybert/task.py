@@ -42,6 +42,7 @@ from tinybert.data import (
     write_submission,
 )
 from tinybert.distill import Distiller
+from tinybert.guards import check_model_configs, check_same_vocabulary, check_schedule, run_fingerprint
 from tinybert.losses import hard_cross_entropy, regression_mse
 from tinybert.model import PRESETS, Bert
 from tinybert.recipe import Recipe, RecipeError
@@ -355,6 +356,21 @@ def describe_stage(name: str, recipe: Recipe, source: dict[str, str], steps: int
             f"warmup {int(recipe.warmup_ratio * steps)} steps; {steps} steps on {rows} rows; loss {loss}")
 
 
+def _data_inputs(data: TaskSource) -> dict[str, str | None]:
+    """The files and folders a task's rows come from, by the names the messages give them."""
+    return {"data folder": data.data_dir, "train file": data.train, "validation file": data.validation,
+            "augmented file": data.augmented}
+
+
+def _fingerprint(recipes: dict, data: TaskSource, models: dict, dry_run: bool) -> dict | None:
+    """The run's fingerprint (guards.run_fingerprint): the recipe(s) as given (precision before `auto` is decided:
+    a timing probe may decide it otherwise on a resume), the task and its columns, the models, the data's bytes."""
+    if dry_run:
+        return None
+    task = {"task": data.task, "text_columns": list(data.text_columns), "label_column": data.label_column}
+    return run_fingerprint({**recipes, **task}, models=models, data=_data_inputs(data))
+
+
 # ------------------------------------------------------------------------------------------------------ fine-tuning
 
 
@@ -363,8 +379,12 @@ def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, 
                  echo=print) -> Path | None:
     """Fine-tune `model` (a directory or a preset) on the task's gold labels; returns output/best."""
     run_dir = RunDir(output)
+    models = {"model": model, "tokenizer": tokenizer}
+    check_model_configs({"model": model})
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
     recipe, source = for_task(recipe, task)
+    check_schedule(recipe)
+    fingerprint = _fingerprint(recipe.to_dict(), data, models, dry_run)
     run = start_run(recipe, dry_run=dry_run)
     say = run.say(echo)
     if tokenizer is None and str(model) in PRESETS and not Path(model).exists():
@@ -391,13 +411,14 @@ def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, 
     if dry_run:
         return None
 
-    check_output(run_dir, "finetune", resume=resume, overwrite=overwrite, needs_checkpoint=True)
+    check_output(run_dir, "finetune", resume=resume, overwrite=overwrite, needs_checkpoint=True,
+                 inputs={**models, **_data_inputs(data)}, fingerprint=fingerprint, echo=say)
 
     def start():
         if overwrite and not resume:
             clear_output(run_dir, "finetune")
         write_recipe(run_dir, {**recipe.to_dict(), "model": str(model), "task": task.name,
-                              "precision_decision": verdict.to_dict()})
+                              "precision_decision": verdict.to_dict()}, fingerprint)
 
     run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, extra_state={"tracker": state},
               on_start=start, progress=progress, echo=say)
@@ -435,16 +456,6 @@ def _prediction_mode(recipe: Recipe, task: Task, echo) -> str:
     return mode
 
 
-def _same_vocabulary(student: str, teacher_tokenizer):
-    """A student directory with its own tokenizer must share the teacher's token ids, not only their number."""
-    path = Path(student)
-    if not path.is_dir() or not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
-        return
-    if load_tokenizer(path).get_vocab() != teacher_tokenizer.get_vocab():
-        raise CheckpointError(f"student {student} has another vocabulary than the teacher (same size, other tokens); "
-                              f"task distillation needs the teacher's tokenizer for both")
-
-
 def _stage_terms(r1: Recipe, r2: Recipe) -> tuple[dict[str, float], dict[str, float]]:
     """Each stage's loss terms with a non-zero weight; at least one each."""
     terms = tuple({name: weight for name, weight in r.terms.items() if weight} for r in (r1, r2))
@@ -480,8 +491,12 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     from tinybert.general import build_student
 
     run_dir = RunDir(output)
+    models = {"teacher": teacher, "student": student}
+    check_model_configs(models)
     task, raw = data.load(("train", "dev"), recipe.max_train_examples, recipe.max_eval_examples)
     (r1, source1), (r2, source2) = for_task(recipe.stage(STAGE1), task), for_task(recipe.stage(STAGE2), task)
+    check_schedule(r2, STAGE2)  # stage 1 may have 0 epochs: it is then skipped
+    fingerprint = _fingerprint({STAGE1: r1.to_dict(), STAGE2: r2.to_dict()}, data, models, dry_run)
     run = start_run(r1, dry_run=dry_run)
     say = run.say(echo)
     prediction = _prediction_mode(r2, task, say)
@@ -492,7 +507,7 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     check_head(teacher_model, task, f"teacher {teacher}")
     tok = load_tokenizer(teacher, vocab_size=teacher_model.config.vocab_size)
     student_model = with_head(build_student(student, teacher_model), task, f"student {student}")
-    _same_vocabulary(student, tok)
+    check_same_vocabulary(student, tok)
     terms1, terms2 = _stage_terms(r1, r2)
     pad = tok.pad_token_id
     sets = {n: tokenize(datasets.DatasetDict(raw), tok, r.max_seq_length) for n, r in (("stage1", r1), ("stage2", r2))}
@@ -516,7 +531,8 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     if dry_run:
         return None
 
-    check_output(run_dir, "task", resume=resume, overwrite=overwrite)
+    check_output(run_dir, "task", resume=resume, overwrite=overwrite, inputs={**models, **_data_inputs(data)},
+                 fingerprint=fingerprint, echo=say)
     # Teacher logits first: before stage 1 may cast the teacher to bf16 for DeepSpeed.
     train2, record = sets["stage2"]["train"], None
     if "prediction" in terms2 and prediction in ("soft", "mse_teacher"):
@@ -526,7 +542,7 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     write_recipe(run_dir, {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction},
                           "teacher": str(teacher), "student": str(student), "task": task.name,
                           "augmented": data.augmented,
-                          "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}})
+                          "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}}, fingerprint)
     if record is not None and run.main:
         _log_teacher_logits(run_dir.stage(STAGE2), record)
 

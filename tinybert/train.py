@@ -415,10 +415,18 @@ def resume_point(run_dir: RunDir, echo) -> Path | None:
 # ------------------------------------------------------------------------------------------------ run directories
 
 
-def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, needs_checkpoint: bool = False):
+def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, needs_checkpoint: bool = False,
+                 inputs: dict | None = None, fingerprint: dict | None = None, echo=print):
     """Refuse to mix two runs in one directory (`kind`: general, finetune or task, whose files it looks for).
     Removes nothing: `clear_output` does, once the new run is set up, so a bad input leaves the old run intact.
-    needs_checkpoint: --resume also needs a checkpoint under checkpoints/ (a one-stage run)."""
+    needs_checkpoint: --resume also needs a checkpoint under checkpoints/ (a one-stage run). inputs: label -> the
+    run's input paths, which --output may not be, hold or lie in; fingerprint: what makes the run's result, which
+    --resume may not change (guards.py). Rank 0 takes the output's lock for the rest of the process."""
+    from tinybert import guards
+
+    guards.check_output_place(run_dir.path, inputs or {})
+    if int(os.environ.get("RANK", "0")) == 0:  # before start_run: world() does not know the ranks yet
+        guards.take_lock(run_dir.path, echo)
     output, holds_run = run_dir.path, run_dir.holds(kind)
     if resume and not holds_run:
         raise TrainingError(f"--resume: {output} holds no run to resume; drop --resume to start one")
@@ -428,6 +436,8 @@ def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, n
     if not resume and holds_run and not overwrite:
         raise TrainingError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace "
                             f"it, or choose another --output")
+    if resume and fingerprint is not None:
+        guards.compare_fingerprint(run_dir, fingerprint, echo)
 
 
 def clear_output(run_dir: RunDir, kind: str):
@@ -439,13 +449,17 @@ def clear_output(run_dir: RunDir, kind: str):
     barrier()
 
 
-def write_recipe(run_dir: RunDir, record: dict):
-    """recipe.yaml: what the run was started with (rank 0)."""
+def write_recipe(run_dir: RunDir, record: dict, fingerprint: dict | None = None):
+    """recipe.yaml: what the run was started with, and fingerprint.json: what --resume compares (rank 0)."""
     import yaml
+
+    from tinybert.guards import write_fingerprint
 
     if world()[0] == 0:
         run_dir.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir.recipe, yaml.safe_dump(record, sort_keys=False))
+        if fingerprint is not None:
+            write_fingerprint(run_dir, fingerprint)
 
 
 def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device: torch.device, *, resume: bool,
@@ -677,7 +691,7 @@ def _micro_step(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, step: int
     terms = engine(batch)
     loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
     if not torch.isfinite(loss):
-        raise _non_finite(stage, recipe, run_dir, step, loss, terms)
+        raise _non_finite(stage, recipe, run_dir, step, loss, terms, batch)
     boundary = engine.is_gradient_accumulation_boundary()
     engine.backward(loss)
     engine.step()
@@ -708,14 +722,46 @@ def _evaluate(stage: Stage, engine, log: RunLog, bar, step: int, epoch: int):
         stage.on_eval(step, metrics)
 
 
-def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: Tensor, terms: dict) -> TrainingError:
+def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: Tensor, terms: dict,
+                batch: dict[str, Tensor]) -> TrainingError:
+    """The one line for a NaN/inf loss: which terms, whether the teacher's outputs on this batch were already
+    non-finite (then the teacher is the problem, and a lower learning_rate cannot help), where the run can go on."""
     last = run_dir.latest_checkpoint()
+    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+    teacher = getattr(stage.module, "teacher", None)  # None when fine-tuning
+    broken = _teacher_non_finite(teacher, batch) if teacher is not None else None
+    if broken:
+        advice = (f"the teacher's outputs on this batch were already non-finite ({broken}), so the student cannot "
+                  f"learn from them: check the teacher's weights (tinybert info TEACHER; re-export it)"
+                  + (" or run it in precision=fp32" if recipe.precision != "fp32" else ""))
+    else:
+        who = "the teacher's outputs are finite, so the student" if teacher is not None else "the model"
+        advice = (f"{who} diverged: start again (--overwrite, or another --output; --resume keeps the learning "
+                  f"rate) with a lower learning_rate" + (" or precision=fp32" if recipe.precision != "fp32" else ""))
     return TrainingError(
-        f"stage {stage.name}: loss is {loss.item()} at step {step + 1} "
-        f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-        f"{'the last checkpoint ' + last.name + ' is intact' if last else 'no checkpoint was written'}"
-        f"; lower learning_rate" + (" or use precision=fp32" if recipe.precision != "fp32" else "")
+        f"stage {stage.name}: loss is {loss.item()} at step {step + 1} (non-finite in {', '.join(bad) or 'the sum'}: "
+        f"{', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+        f"{'the last checkpoint ' + last.name + ' is intact' if last else 'no checkpoint was written'}; {advice}"
     )
+
+
+@torch.no_grad()
+def _teacher_non_finite(teacher: nn.Module, batch: dict[str, Tensor]) -> str | None:
+    """Where the teacher's outputs on `batch` are NaN or infinite (its cached logits, a hidden state, a layer's
+    attention scores, its logits), or None."""
+    if "teacher_logits" in batch and not torch.isfinite(batch["teacher_logits"]).all():
+        return "its cached logits"
+    layers = set(range(1, teacher.config.num_hidden_layers + 1))
+    out = teacher(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), score_layers=layers)
+    for i, hidden in enumerate(out.hidden_states):
+        if not torch.isfinite(hidden).all():
+            return "its embeddings" if i == 0 else f"its hidden state {i}"
+    for i, scores in sorted(out.attention_scores.items()):
+        if not torch.isfinite(scores).all():
+            return f"its layer {i} attention scores"
+    if out.logits is not None and not torch.isfinite(out.logits).all():
+        return "its logits"
+    return None
 
 
 @torch.no_grad()
