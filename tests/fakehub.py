@@ -51,10 +51,11 @@ class FakeHub(ThreadingHTTPServer):
         repo.setdefault("snapshots", {})[commit] = files
         return commit
 
-    def downloads(self) -> list[str]:
-        """The repo paths whose bytes were fetched (GET on a resolve URL)."""
+    def downloads(self, repo_id: str) -> list[str]:
+        """The paths in `repo_id` whose bytes were fetched (GET on a resolve URL)."""
         return [m.group("path") for method, path, _, _ in self.requests if method == "GET"
-                and (m := re.fullmatch(_REPO + r"/resolve/[^/]+/(?P<path>.+)", urlparse(path).path[1:]))]
+                and (m := re.fullmatch(_REPO + r"/resolve/[^/]+/(?P<path>.+)", urlparse(path).path[1:]))
+                and m.group("repo") == repo_id]
 
 
 @contextmanager
