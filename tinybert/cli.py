@@ -272,8 +272,9 @@ def evaluate(
     from tinybert.task import format_results, run_eval
 
     data = _task_source(task, data_dir, train, validation, text_columns, label_column)
-    report = run_eval(data, _resolve(model, revision), split=split, max_seq_length=max_seq_length, batch_size=batch_size,
-                      max_examples=max_examples, predictions=predictions, submission_dir=submission_dir)
+    report = run_eval(data, _resolve(model, revision), split=split, max_seq_length=max_seq_length,
+                      batch_size=batch_size, max_examples=max_examples, predictions=predictions,
+                      submission_dir=submission_dir)
     if json_path == "-":
         typer.echo(json.dumps(report, indent=2))
         return
@@ -378,8 +379,8 @@ def bench(
     dtype: str = typer.Option("fp32", help="fp32, bf16 (autocast), or auto (bf16 where it measures faster)."),
     engine: str = typer.Option("torch", help="torch, or onnxruntime: the export's fp32 and int8 graphs next to "
                                              "torch fp32, on the same threads."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: MODEL/bench.json; "
-                                                                 "none for a hub id)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: "
+                                             "MODEL/bench.json; none for a hub id)."),
     revision: Optional[str] = typer.Option(None, help="With a hub id as MODEL: its branch, tag or commit."),
 ):
     """Parameters, size on disk, latency p50/p95 at batch 1 and throughput at batch 32 (sequence 128)."""
