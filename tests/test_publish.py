@@ -1,26 +1,22 @@
-"""Model cards and `tinybert push`, against a small fake Hub on 127.0.0.1 that speaks the part of the Hub's HTTP API
-`HfApi.create_repo`, `create_branch` and `create_commit` use: we check what arrived there, and that the token
-appears nowhere but in the Authorization header."""
+"""Model cards and `tinybert push`, against the small fake Hub on 127.0.0.1 of tests/fakehub.py: we check what
+arrived there, and that the token appears nowhere but in the Authorization header."""
 
-import base64
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
 
+from fakehub import TOKEN, closed_port, running  # tests/fakehub.py
+from fakehub import online_env as fakehub_env
 from tinybert.bench import benchmark, compare, machine
 from tinybert.checkpoint import load_model, load_tokenizer, save_model
 from tinybert.model import Bert, BertConfig
@@ -29,118 +25,13 @@ from tinybert.rundir import Bench
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-TOKEN = "hf_tinybertTestToken" + "5b1f0c9e2d7a"  # unmistakable in any file or output it might leak into
 TEACHER = "textattack/bert-base-uncased-SST-2"
-
-
-# ---------------------------------------------------------------------------------------------------- fake Hub
-
-
-class FakeHub(ThreadingHTTPServer):
-    """Repos in memory: {repo_id: {"visibility": ..., "branches": {name: {path: bytes}}, "commits": [...]}}.
-
-    Routes: POST /api/repos/create, /api/models/{repo}/branch/{b}, /api/models/{repo}/preupload/{rev} (every file
-    "regular", so content travels base64 in the commit and no LFS/xet upload happens), /api/models/{repo}/commit/{rev}
-    (NDJSON: header, then file lines), /api/validate-yaml. Requests without `Bearer TOKEN` get 401; anything else
-    is recorded in `unknown` and answered 404."""
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), HubHandler)
-        self.repos, self.requests, self.unknown = {}, [], []
-        self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class HubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: FakeHub
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().strip(), 16)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-                if size == 0:
-                    return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-    def _send(self, status: int, payload: dict, headers: dict = None):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._body()
-        self.server.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b""))
-        self.server.unknown.append(("GET", self.path))
-        self._send(404, {"error": "not implemented by the fake hub"})
-
-    def do_POST(self):
-        body = self._body()
-        path = urlparse(self.path).path
-        self.server.requests.append(("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return self._send(401, {"error": "Invalid credentials in Authorization header"})
-        repos = self.server.repos
-        if path == "/api/repos/create":
-            spec = json.loads(body)
-            repo_id = f"{spec['organization']}/{spec['name']}"
-            if repo_id in repos:
-                return self._send(409, {"error": "You already created this model repo",
-                                        "url": f"{self.server.endpoint}/{repo_id}"})
-            repos[repo_id] = {"spec": spec, "branches": {"main": {}}, "commits": []}
-            return self._send(200, {"url": f"{self.server.endpoint}/{repo_id}", "name": repo_id})
-        if path == "/api/validate-yaml":
-            return self._send(200, {"errors": [], "warnings": []})
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)", path)
-        if not m:
-            self.server.unknown.append(("POST", self.path))
-            return self._send(404, {"error": "not implemented by the fake hub"})
-        repo_id, action, revision = m.group(1), m.group(2), unquote(m.group(3))
-        repo = repos.get(repo_id)
-        if repo is None:
-            return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-        if action == "branch":
-            if revision in repo["branches"]:
-                return self._send(409, {"error": "Reference already exists"})
-            repo["branches"][revision] = dict(repo["branches"]["main"])
-            return self._send(200, {})
-        if revision not in repo["branches"]:
-            return self._send(404, {"error": f"Invalid rev id: {revision}"}, {"X-Error-Code": "RevisionNotFound"})
-        if action == "preupload":
-            files = json.loads(body)["files"]
-            return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                              for f in files]})
-        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-        header = next(line["value"] for line in lines if line["key"] == "header")
-        for line in lines:
-            if line["key"] == "file":
-                repo["branches"][revision][line["value"]["path"]] = base64.b64decode(line["value"]["content"])
-            elif line["key"] != "header":
-                return self._send(400, {"error": f"the fake hub takes regular files only, not {line['key']}"})
-        oid = hashlib.sha1(body).hexdigest()
-        repo["commits"].append({"revision": revision, "oid": oid, **header})
-        return self._send(200, {"commitUrl": f"{self.server.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid,
-                                "success": True})
 
 
 @pytest.fixture
 def hub():
-    server = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running() as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------------------------------- a model
@@ -242,12 +133,7 @@ def tinybert(*args, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def online_env(tmp_path) -> dict:
     """The environment of a user who pushes: online, a token in HF_TOKEN, an empty Hugging Face home."""
-    home = tmp_path / "hf-home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN_PATH", "TINYBERT_TRACEBACK")}
-    return {**env, "HF_TOKEN": TOKEN, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return fakehub_env(tmp_path / "hf-home")
 
 
 # ---------------------------------------------------------------------------------------------------- the card
@@ -472,12 +358,6 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["not-a-model", "bad-repo-id", "no-token", "unreachable", "symlink",
                                   "not-an-export"])
 def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, online_env, tmp_path):
@@ -502,7 +382,7 @@ def test_push_refuses_with_one_line_and_leaves_files_untouched(case, run, hub, o
     elif case == "no-token":
         env = {k: v for k, v in env.items() if k != "HF_TOKEN"}
     else:
-        endpoint = f"http://127.0.0.1:{_closed_port()}"
+        endpoint = f"http://127.0.0.1:{closed_port()}"
     before = _snapshot(run.parent, tmp_path)
     result = tinybert("push", model, "--repo-id", repo_id, "--endpoint", endpoint, *extra, env=env)
     line = _one_line_error(result)

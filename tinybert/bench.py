@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tinybert.checkpoint import load_model, read_config
+from tinybert.download import hub_snapshot
 from tinybert.model import Bert
 from tinybert.rundir import BENCH, Bench, BenchSide
 
@@ -185,7 +186,7 @@ def run_bench(model: str, vs: str | None, device: str, dtype: str, json_path: Pa
         speedup = compare(results[0], results[1])
     echo(format_table(results, speedup))
     report = Bench(model=results[0], vs=results[1] if vs else None, speedup=speedup, machine=machine())
-    if json_path is None and Path(model).is_dir():
+    if json_path is None and Path(model).is_dir() and not hub_snapshot(model):  # never into the hub cache
         json_path = Path(model) / BENCH
     if json_path is not None:
         report.write(json_path)

@@ -1,6 +1,6 @@
-"""Hugging Face checkpoint directories <-> our BERT: one rename table, loading any HF BERT directory, exporting
-students that plain `transformers` loads (`AutoModel`, `AutoModelForSequenceClassification`). Files only: talking
-to the Hub is publish.py's."""
+"""Hugging Face checkpoint directories <-> our BERT: one rename table, loading any HF BERT directory (or hub id,
+through download.py), exporting students that plain `transformers` loads (`AutoModel`,
+`AutoModelForSequenceClassification`), and the original TinyBERT's learned projections. Uploading is publish.py's."""
 
 from __future__ import annotations
 
@@ -101,14 +101,39 @@ def _config_fields() -> set[str]:
     return {f.name for f in BertConfig.__dataclass_fields__.values()}
 
 
+def _is_preset(source: str) -> bool:
+    return source in PRESETS and not Path(source).exists()  # a folder of that name is a folder
+
+
+def _not_a_model(source) -> CheckpointError:
+    return CheckpointError(
+        f"{source} is neither a preset ({', '.join(PRESETS)}) nor a model directory nor a hub id; give a preset "
+        f"name, the path to an HF BERT checkpoint, or a hub id such as huawei-noah/TinyBERT_General_4L_312D"
+    )
+
+
+def resolve_model(source: str | os.PathLike, revision: str | None = None) -> str:
+    """The one place a model argument is resolved, in this order: a preset name, a local directory, a hub id
+    (`owner/name` or `name`), downloaded into the hub cache (or found there offline) at `revision`.
+    Returns the preset name or a directory; a hub id's directory is its snapshot in the cache."""
+    text = str(source)
+    if _is_preset(text) or Path(text).is_dir():
+        if revision:
+            kind = "preset" if _is_preset(text) else "local directory"
+            raise CheckpointError(f"--revision {revision}: {text} is a {kind}; --revision pins hub ids only")
+        return text
+    from tinybert.download import download, is_hub_id
+
+    if Path(text).exists() or not is_hub_id(text):
+        raise _not_a_model(text)
+    return str(download(text, revision))
+
+
 def read_config(directory: str | os.PathLike) -> BertConfig:
     """Read `config.json` of an HF BERT directory. Unknown HF fields (architectures, torch_dtype...) are ignored."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
-        raise CheckpointError(
-            f"{directory} is neither a preset ({', '.join(PRESETS)}) nor a model directory; "
-            f"give a preset name or the path to an HF BERT checkpoint"
-        )
+        raise _not_a_model(directory)
     if not path.is_file():
         raise CheckpointError(
             f"{directory} has no config.json; a model directory needs config.json and model.safetensors "
@@ -152,10 +177,11 @@ def read_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
     raise CheckpointError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
-def load_model(source: str | os.PathLike) -> Bert:
-    """A preset name (random weights) or an HF BERT checkpoint directory (weights loaded exactly)."""
-    if str(source) in PRESETS and not Path(source).exists():
-        return Bert(BertConfig.preset(str(source)))
+def load_model(source: str | os.PathLike, revision: str | None = None) -> Bert:
+    """A preset name (random weights), an HF BERT checkpoint directory or a hub id (weights loaded exactly)."""
+    source = resolve_model(source, revision)
+    if _is_preset(source):
+        return Bert(BertConfig.preset(source))
     config = read_config(source)
     weights, unexpected = hf_to_ours(read_weights(source))
     if "classifier.weight" in weights:
@@ -174,6 +200,20 @@ def load_model(source: str | os.PathLike) -> Bert:
         weights.update({f"pooler.{p}": t for p, t in model.pooler.state_dict().items()})
     load_state(model, weights, unexpected, where=str(source))
     return model
+
+
+# The original TinyBERT's learned projections (TinyBertForPreTraining.fit_dense, or fit_denses.N in v2 checkpoints),
+# which IGNORED keeps out of the student: they seed the distillation's projections instead (distill.Projections).
+PROJECTION = re.compile(r"^(?:bert\.)?(fit_dense\.(?:weight|bias)|fit_denses\.\d+\.(?:weight|bias))$")
+
+
+def read_projections(source: str | os.PathLike) -> dict[str, Tensor]:
+    """The `fit_dense.*` or `fit_denses.N.*` weights of a model directory, under those names; {} for a preset or
+    a checkpoint without them (every checkpoint but the original TinyBERT's general ones)."""
+    source = resolve_model(source)
+    if _is_preset(source):
+        return {}
+    return {m.group(1): t for name, t in read_weights(source).items() if (m := PROJECTION.match(name))}
 
 
 def load_state(model: Bert, weights: dict[str, Tensor], unexpected: list[str] = (), *, where: str) -> None:
@@ -210,13 +250,20 @@ def _names(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None):
-    """`AutoTokenizer.from_pretrained(dir)`: in transformers 5.x `BertTokenizerFast(vocab_file=...)` silently
-    builds a 5-token vocabulary, so never construct one from a vocab file directly."""
+def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None, revision: str | None = None):
+    """`AutoTokenizer.from_pretrained(dir)` of a directory or hub id: in transformers 5.x
+    `BertTokenizerFast(vocab_file=...)` silently builds a 5-token vocabulary, so never construct one from a vocab
+    file directly."""
     from transformers import AutoTokenizer
 
+    directory = resolve_model(directory, revision)
+    if _is_preset(directory):
+        raise CheckpointError(f"{directory} is a preset, which has no tokenizer; give a model directory or hub id")
+    # A folder with vocab.txt alone (the original BERT and TinyBERT releases: no tokenizer_config.json, no
+    # model_type) leaves AutoTokenizer without a class to pick; such a vocabulary is BERT's WordPiece.
+    bare = not any((Path(directory) / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **({"tokenizer_type": "bert"} if bare else {}))
     except Exception as e:
         raise CheckpointError(
             f"cannot load a tokenizer from {directory} ({type(e).__name__}); it needs vocab.txt or tokenizer.json"

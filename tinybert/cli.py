@@ -48,17 +48,32 @@ def _human_bytes(n: float) -> str:
         n /= 1024
 
 
+# Every model argument takes a preset, a local directory or a hub id (owner/name), in that order; --revision pins the
+# hub id's branch, tag or commit (see checkpoint.resolve_model).
+REVISION_OPTION = typer.Option(None, help="With a hub id: the branch, tag or commit to load (default: main).")
+
+
+def _resolve(source: str | None, revision: str | None = None) -> str | None:
+    """A model argument as a preset name or a local directory (a hub id is downloaded into the hub cache)."""
+    from tinybert.checkpoint import resolve_model
+
+    return None if source is None else resolve_model(source, revision)
+
+
 def _check_output(output: Path, overwrite: bool):
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} already holds files; choose another --output or pass --overwrite")
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybert-4l-312d, ...) or a model directory.")):
+def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybert-4l-312d, ...), a model directory "
+                                                "or a hub id."),
+         revision: Optional[str] = REVISION_OPTION):
     """Show a model's config, parameter counts (embeddings / encoder / heads) and size on disk."""
     from tinybert.checkpoint import load_model
 
-    bert = load_model(model)
+    folder = _resolve(model, revision)
+    bert = load_model(folder)
     c = bert.config
     counts = bert.num_parameters()
     typer.echo(f"model            {model}")
@@ -72,8 +87,8 @@ def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybe
     typer.echo(f"head             {head}" + (" + masked-LM head" if bert.mlm is not None else ""))
     for part in ("embeddings", "encoder", "heads", "total"):
         typer.echo(f"params {part:<10}{counts[part]:>14,}  ({counts[part] / 1e6:.1f}M)")
-    if Path(model).is_dir():
-        size = sum(p.stat().st_size for p in Path(model).rglob("*") if p.is_file())
+    if Path(folder).is_dir():
+        size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
         typer.echo(f"size on disk     {_human_bytes(size)}")
     else:
         typer.echo(f"size on disk     {_human_bytes(4 * counts['total'])} (fp32 weights; a preset is not on disk)")
@@ -83,8 +98,12 @@ def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybe
 def init(
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the student to."),
     preset: Optional[str] = typer.Option(None, help="Student shape: tinybert-4l-312d, tinybert-6l-768d, bert-base."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Directory holding the tokenizer (usually the teacher's)."),
-    from_teacher: Optional[Path] = typer.Option(None, help="Initialise from this teacher's layers instead."),
+    tokenizer: Optional[str] = typer.Option(None, help="Directory or hub id holding the tokenizer (usually the "
+                                                       "teacher's)."),
+    from_teacher: Optional[str] = typer.Option(None, help="Initialise from this teacher's layers instead (a "
+                                                          "directory or hub id)."),
+    revision: Optional[str] = typer.Option(None, help="With hub ids: the branch, tag or commit of --from-teacher "
+                                                      "(else of --tokenizer)."),
     layers: Optional[str] = typer.Option(None, help="With --from-teacher: 1-based teacher layers to copy, e.g. 2,4,6."),
     seed: int = typer.Option(0, help="Seed for random initialisation."),
     overwrite: bool = typer.Option(False, help="Replace files in a non-empty --output."),
@@ -96,6 +115,8 @@ def init(
     from tinybert.model import Bert, BertConfig
 
     _check_output(output, overwrite)
+    from_teacher = _resolve(from_teacher, revision)
+    tokenizer = _resolve(tokenizer, None if from_teacher else revision)
     if from_teacher is not None:
         if preset is not None:
             raise click_errors.UsageError("give either --preset or --from-teacher, not both")
@@ -148,10 +169,13 @@ def _task_source(task, data_dir, train, validation, text_columns, label_column, 
 def distill(
     ctx: typer.Context,
     recipe: str = typer.Option(..., help="general | task, or a path to a recipe YAML."),
-    teacher: Path = typer.Option(..., help="Teacher model directory (any HF BERT checkpoint)."),
+    teacher: str = typer.Option(..., help="Teacher model directory or hub id (any HF BERT checkpoint)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: checkpoints, logs, the exported student."),
     corpus: Optional[list[str]] = typer.Option(None, help="General: text files, folders, or a datasets hub id."),
-    student: Optional[str] = typer.Option(None, help="Student preset or directory (default tinybert-4l-312d)."),
+    student: Optional[str] = typer.Option(None, help="Student preset, directory or hub id (default tinybert-4l-312d; "
+                                                     "e.g. huawei-noah/TinyBERT_General_4L_312D)."),
+    teacher_revision: Optional[str] = typer.Option(None, help="With a hub id: the teacher's branch, tag or commit."),
+    student_revision: Optional[str] = typer.Option(None, help="With a hub id: the student's branch, tag or commit."),
     task: Optional[str] = TASK_OPTION,
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     augmented: Optional[Path] = typer.Option(None, help="Task: a TSV/CSV/JSONL with the task's columns, used "
@@ -169,20 +193,21 @@ def distill(
     from tinybert.recipe import load_recipe
 
     loaded = load_recipe(recipe, ctx.args)
+    teacher, student = _resolve(teacher, teacher_revision), _resolve(student, student_revision)
     if loaded.recipe == "task":
         from tinybert.task import run_task
 
         if student is None:
             raise click_errors.UsageError("task distillation needs --student DIR (usually a general-distilled one)")
         data = _task_source(task, data_dir, train, validation, text_columns, label_column, augmented)
-        run_task(loaded, data, teacher=str(teacher), student=student, output=output, resume=resume,
+        run_task(loaded, data, teacher=teacher, student=student, output=output, resume=resume,
                  overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
     elif loaded.recipe == "general":
         from tinybert.general import run_general
 
         if not corpus:
             raise click_errors.UsageError("general distillation needs --corpus PATH [--corpus PATH ...]")
-        run_general(loaded, teacher=str(teacher), corpus=corpus, output=output, student=student, resume=resume,
+        run_general(loaded, teacher=teacher, corpus=corpus, output=output, student=student, resume=resume,
                     overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
     else:
         raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; distill runs general and "
@@ -192,7 +217,8 @@ def distill(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def finetune(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="Model directory (any HF BERT checkpoint) or a preset."),
+    model: str = typer.Option(..., help="Model directory (any HF BERT checkpoint), hub id or a preset."),
+    revision: Optional[str] = REVISION_OPTION,
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: checkpoints, logs, best/, last/."),
     task: Optional[str] = TASK_OPTION,
     data_dir: Optional[Path] = DATA_DIR_OPTION,
@@ -200,7 +226,7 @@ def finetune(
     validation: Optional[Path] = VALIDATION_OPTION,
     text_columns: Optional[str] = TEXT_COLUMNS_OPTION,
     label_column: str = LABEL_COLUMN_OPTION,
-    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory (default: --model's)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory or hub id (default: --model's)."),
     recipe: str = typer.Option("finetune", help="finetune, or a path to a recipe YAML."),
     resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --output."),
@@ -216,13 +242,14 @@ def finetune(
         raise click_errors.UsageError(f"recipe {recipe!r} is a {loaded.recipe!r} recipe; finetune runs finetune "
                                       f"recipes")
     data = _task_source(task, data_dir, train, validation, text_columns, label_column)
-    run_finetune(loaded, data, model=model, output=output, tokenizer=str(tokenizer) if tokenizer else None,
+    run_finetune(loaded, data, model=_resolve(model, revision), output=output, tokenizer=_resolve(tokenizer),
                  resume=resume, overwrite=overwrite, dry_run=dry_run, echo=typer.echo)
 
 
 @app.command("eval")
 def evaluate(
-    model: Path = typer.Argument(..., help="A model directory with a head for the task (e.g. RUN/best)."),
+    model: str = typer.Argument(..., help="A model directory or hub id with a head for the task (e.g. RUN/best)."),
+    revision: Optional[str] = REVISION_OPTION,
     task: Optional[str] = TASK_OPTION,
     split: str = typer.Option("dev", help="dev: score the dev set(s); test: write GLUE submission files."),
     data_dir: Optional[Path] = DATA_DIR_OPTION,
@@ -245,8 +272,9 @@ def evaluate(
     from tinybert.task import format_results, run_eval
 
     data = _task_source(task, data_dir, train, validation, text_columns, label_column)
-    report = run_eval(data, str(model), split=split, max_seq_length=max_seq_length, batch_size=batch_size,
-                      max_examples=max_examples, predictions=predictions, submission_dir=submission_dir)
+    report = run_eval(data, _resolve(model, revision), split=split, max_seq_length=max_seq_length,
+                      batch_size=batch_size, max_examples=max_examples, predictions=predictions,
+                      submission_dir=submission_dir)
     if json_path == "-":
         typer.echo(json.dumps(report, indent=2))
         return
@@ -266,6 +294,7 @@ def augment(
                                                             "layout; your own: *.csv, *.tsv or *.jsonl)."),
     mlm: Optional[str] = typer.Option(None, help="Masked LM directory or hub id (AutoModelForMaskedLM), e.g. "
                                                  "bert-base-uncased; its own tokenizer splits the words."),
+    revision: Optional[str] = typer.Option(None, help="With a hub id for --mlm: its branch, tag or commit."),
     word_vectors: Optional[Path] = typer.Option(None, help="GloVe text file: neighbours for words of several "
                                                            "pieces (or every word with --candidates-from vectors)."),
     task: Optional[str] = TASK_OPTION,
@@ -294,7 +323,8 @@ def augment(
         copies=copies if copies is not None else DEFAULT_COPIES.get((task or "").lower(), 20), mask_prob=mask_prob,
         candidates=candidates, candidates_from=candidates_from, mlm_input=mlm_input, seed=seed,
         vectors_limit=vectors_limit, precision=precision)
-    run_augment(output=output, mlm=mlm, word_vectors=str(word_vectors) if word_vectors else None, settings=settings,
+    run_augment(output=output, mlm=_resolve(mlm, revision) if candidates_from != "vectors" else mlm,
+                word_vectors=str(word_vectors) if word_vectors else None, settings=settings,
                 task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
                 text_columns=columns, label_column=label_column, overwrite=overwrite, echo=typer.echo,
                 progress=sys.stderr.isatty())
@@ -349,7 +379,9 @@ def bench(
     dtype: str = typer.Option("fp32", help="fp32, bf16 (autocast), or auto (bf16 where it measures faster)."),
     engine: str = typer.Option("torch", help="torch, or onnxruntime: the export's fp32 and int8 graphs next to "
                                              "torch fp32, on the same threads."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: MODEL/bench.json)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the figures (default: "
+                                             "MODEL/bench.json; none for a hub id)."),
+    revision: Optional[str] = typer.Option(None, help="With a hub id as MODEL: its branch, tag or commit."),
 ):
     """Parameters, size on disk, latency p50/p95 at batch 1 and throughput at batch 32 (sequence 128)."""
     from tinybert.bench import run_bench
@@ -361,12 +393,16 @@ def bench(
     if engine == "onnxruntime" and (device, dtype) != ("cpu", "fp32"):
         raise click_errors.UsageError("--engine onnxruntime runs on the CPU and measures the export's fp32 and int8 "
                                       "graphs itself; leave --device and --dtype at cpu and fp32")
+    if engine == "torch":  # an ONNX export folder is local; --vs defaults to the export's source there
+        model, vs = _resolve(model, revision), _resolve(vs)
     run_bench(model, vs, device, dtype, json_path, echo=typer.echo, engine=engine)
 
 
 @app.command()
 def export(
-    model_dir: Path = typer.Argument(..., help="An exported student (a Hugging Face directory, e.g. RUN/best)."),
+    model_dir: str = typer.Argument(..., help="An exported student (a Hugging Face directory, e.g. RUN/best, or a "
+                                              "hub id: then give --output)."),
+    revision: Optional[str] = REVISION_OPTION,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for model.onnx, config.json, the "
                                           "tokenizer and onnx_export.json (default: MODEL_DIR/onnx, beside the model, "
                                           "where its card and push find it)."),
@@ -385,8 +421,13 @@ def export(
     --quantize int8 adds an int8 graph and its score against fp32. Needs pip install 'tinybert[onnx]'."""
     if fmt != "onnx":
         raise click_errors.UsageError(f"--format {fmt}: onnx is the one format")
+    from tinybert.download import hub_snapshot
     from tinybert.onnx_export import export_onnx
 
+    model_dir = _resolve(model_dir, revision)
+    if output is None and hub_snapshot(model_dir):
+        raise click_errors.UsageError("MODEL_DIR is a hub id: give --output (the default, MODEL_DIR/onnx, would "
+                                      "write into the hub cache)")
     export_onnx(model_dir, output, quantize=quantize, opset=opset, seq_len_hint=seq_len_hint, task=task,
                 data_dir=str(data_dir) if data_dir else None, overwrite=overwrite, echo=typer.echo)
 

@@ -42,10 +42,38 @@ class Projections(nn.Module):
     def __init__(self, student_hidden: int, teacher_hidden: int, num_states: int, *, shared: bool = False):
         super().__init__()
         self.identity, self.shared = student_hidden == teacher_hidden, shared
+        self.student_hidden, self.teacher_hidden = student_hidden, teacher_hidden
         if not self.identity and shared:
             self.fit_dense = nn.Linear(student_hidden, teacher_hidden)
         elif not self.identity:
             self.fit_denses = nn.ModuleList(nn.Linear(student_hidden, teacher_hidden) for _ in range(num_states))
+
+    def start_from(self, found: dict[str, Tensor]) -> str | None:
+        """Start from a general checkpoint's learned projections instead of at random, as the original's task
+        distillation starts from its general model's `fit_dense`: `found` holds `fit_dense.*` (one shared Linear,
+        copied into every per-state one when the recipe has those) or `fit_denses.N.*` (one per state; the count
+        must match). Returns what was done, for the run's log; None when the checkpoint has none."""
+        if not found:
+            return None
+        if self.identity:
+            return "its fit_dense projections are unused: student and teacher have the same width (identity)"
+        names = sorted({k.rsplit(".", 1)[0] for k in found})
+        mine = ["fit_dense"] if self.shared else [f"fit_denses.{j}" for j in range(len(self.fit_denses))]
+        if names == ["fit_dense"]:
+            state = {f"{m}.{p}": found[f"fit_dense.{p}"] for m in mine for p in ("weight", "bias") if
+                     f"fit_dense.{p}" in found}
+        elif names == sorted(mine):
+            state = found
+        else:
+            return (f"its projections ({', '.join(names[:3])}{'...' if len(names) > 3 else ''}) do not match the "
+                    f"recipe's {len(mine)} ({'shared' if self.shared else 'one per state'}); they start random")
+        expected = self.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            weight = next((tuple(t.shape) for k, t in found.items() if k.endswith("weight")), None)
+            return (f"its projections (weight {weight}) do not fit Linear({self.student_hidden} -> "
+                    f"{self.teacher_hidden}); they start random")
+        self.load_state_dict(state)
+        return f"the projections start from its {names[0] if len(names) == 1 else 'fit_denses'} (not random)"
 
     def forward(self, j: int, hidden: Tensor) -> Tensor:
         """Project student hidden state j (0 = embeddings): (B, T, H_student) -> (B, T, H_teacher)."""

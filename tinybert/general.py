@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
+from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, read_projections, save_model
 from tinybert.corpus import build_corpus, collate_packed, corpus_stats
 from tinybert.distill import Distiller
 from tinybert.guards import check_model_configs, check_same_vocabulary, check_schedule, run_fingerprint
@@ -48,6 +48,14 @@ def build_student(student: str | None, teacher: Bert) -> Bert:
             f"{teacher.config.vocab_size}; distillation needs the same tokenizer for both"
         )
     return model
+
+
+def carry_projections(distiller: Distiller, student: str | None, say) -> None:
+    """A student from the original TinyBERT's general distillation brings its learned fit_dense(s): the
+    distiller's projections start from them (see Projections.start_from), and the run says so."""
+    done = distiller.projections.start_from(read_projections(student)) if student else None
+    if done:
+        say(f"student {student}: {done}")
 
 
 def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller, stats: dict, steps: int) -> str:
@@ -108,6 +116,7 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
     distiller = Distiller(teacher_model, student_model, recipe.layer_map, terms=tuple(terms),
                           attention_mode=recipe.attention_mode, shared_projection=recipe.shared_projection,
                           relation_heads=recipe.relation_heads, teacher_layer=recipe.teacher_layer)
+    carry_projections(distiller, student, say)
     data = build_corpus(corpus, tokenizer, max_seq_length=recipe.max_seq_length,
                         heldout_fraction=recipe.heldout_fraction, seed=recipe.seed)
     micro = micro_batch_size(recipe)

@@ -249,9 +249,14 @@ def _local_path(name: str | None) -> bool:
 
 
 def _hub_id(name: str | None) -> str | None:
-    """`name` when it reads as a Hub repo id and is no local path, else None (metadata needs real Hub ids)."""
+    """`name` when it reads as a Hub repo id and is no local path, else None (metadata needs real Hub ids). A run
+    given a hub id records the model's folder in the hub cache; its repo id is read back from that."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from tinybert.download import hub_snapshot
+
+    if name and (snapshot := hub_snapshot(name)):
+        return snapshot[0]
     if not name or _local_path(name) or str(name).count("/") != 1:
         return None
     try:

@@ -488,7 +488,7 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
              overwrite: bool = False, dry_run: bool = False, progress: bool = True, echo=print) -> Path | None:
     """Task distillation of `teacher` (fine-tuned on the task) into `student`: stage 1 then stage 2.
     Returns output/best (the student by the task's main metric in stage 2)."""
-    from tinybert.general import build_student
+    from tinybert.general import build_student, carry_projections
 
     run_dir = RunDir(output)
     models = {"teacher": teacher, "student": student}
@@ -520,6 +520,7 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
                          teacher_layer=r.teacher_layer)
 
     stage1 = _stage1(distiller(student_model, r1, terms1), r1, terms1, sets["stage1"], pad, run.device)
+    carry_projections(stage1.module, student, say)
     steps1, steps2 = total_steps(stage1, r1), count_steps(sets["stage2"]["train"], r2)
     rows = f"{len(raw['train'])} train rows" + (f" from {data.augmented}" if data.augmented else "")
     say(f"task {task.name}: {rows}; dev: {', '.join(f'{s} {len(ds)}' for s, ds in dev2.items())}; "
