@@ -283,3 +283,15 @@ def test_projections_start_from_fit_denses_or_say_why_not():
 def test_read_config_of_a_missing_folder_names_all_three_kinds(tmp_path):
     with pytest.raises(CheckpointError, match="is neither a preset .* nor a model directory nor a hub id"):
         load_model(tmp_path / "nowhere")
+
+
+def test_a_model_from_the_cache_is_named_by_its_hub_id_in_a_card():
+    """A run records a hub model's cache folder; the card's base_model and links want the repo id back."""
+    from tinybert.publish import _hub_id
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = f"/home/me/.cache/huggingface/hub/models--huawei-noah--TinyBERT_General_4L_312D/snapshots/{commit}"
+    assert hub_snapshot(folder) == ("huawei-noah/TinyBERT_General_4L_312D", commit)
+    assert _hub_id(folder) == "huawei-noah/TinyBERT_General_4L_312D"
+    assert _hub_id(f"/cache/models--bert-base-uncased/snapshots/{commit}") == "bert-base-uncased"
+    assert hub_snapshot("/home/me/runs/student") is None and _hub_id("/home/me/runs/student") is None
