@@ -344,9 +344,12 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_student(when, inputs, ref
 
 def test_ctrl_c_before_training_is_exit_130_not_0(tmp_path):
     """Outside the loop (here: while the CLI starts) a Ctrl-C ends the command with 130, not a silent 0."""
-    code = (f"import os, signal, sys; sys.argv = ['tinybert', 'info', 'bert-base']; "
-            f"import tinybert.checkpoint as c; c.load_model = lambda m: os.kill(os.getpid(), signal.SIGINT); "
-            f"from tinybert.cli import main; main()")
+    # The signal is raised in the main thread, then a sleep it interrupts: Python runs the handler at its next check,
+    # which under load can come after load_model returned (CI saw `bert.config` on None without the sleep).
+    code = ("import signal, sys, time; sys.argv = ['tinybert', 'info', 'bert-base']; "
+            "import tinybert.checkpoint as c; "
+            "c.load_model = lambda m: (signal.raise_signal(signal.SIGINT), time.sleep(60)); "
+            "from tinybert.cli import main; main()")
     result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, (result.stdout, result.stderr)
     assert result.stderr.strip().splitlines()[-1] == "interrupted"
