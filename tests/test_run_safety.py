@@ -344,9 +344,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_student(when, inputs, ref
 
 def test_ctrl_c_before_training_is_exit_130_not_0(tmp_path):
     """Outside the loop (here: while the CLI starts) a Ctrl-C ends the command with 130, not a silent 0."""
-    # The signal is raised in the main thread, then a sleep it interrupts: Python runs the handler at its next check,
-    # which under load can come after load_model returned (CI saw `bert.config` on None without the sleep).
-    code = ("import signal, sys, time; sys.argv = ['tinybert', 'info', 'bert-base']; "
+    # A terminal's Ctrl-C: Python's own SIGINT handler (a process started in the background by a shell inherits
+    # SIGINT ignored, and Python then installs none), the signal raised in the main thread, then a sleep it
+    # interrupts, so the handler runs before load_model returns.
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = ['tinybert', 'info', 'bert-base']; "
             "import tinybert.checkpoint as c; "
             "c.load_model = lambda m: (signal.raise_signal(signal.SIGINT), time.sleep(60)); "
             "from tinybert.cli import main; main()")
