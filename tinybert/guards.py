@@ -56,13 +56,19 @@ _held: set[Path] = set()  # lock files this process holds, released at exit (and
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process. A killed process whose parent has not reaped it yet (a zombie: a torchrun
+    rank after SIGKILL of the launcher) still answers kill(pid, 0), so /proc's state is read where there is one."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: it exists
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def _read_lock(path: Path) -> dict | None:
