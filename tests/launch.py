@@ -79,6 +79,45 @@ def checkpoint_steps(output: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*"))
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (children, then theirs)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def kill_run(proc: subprocess.Popen, timeout: float = 60):
+    """SIGKILL a run and every process it started, and wait until all are dead. torchrun starts each rank in a
+    session of its own, so killing the launcher's process group alone would leave the ranks running as orphans
+    (they would finish the run while the test resumes it)."""
+    ranks = _descendants(proc.pid)
+    for pid in [proc.pid, *ranks]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while not all(_gone(pid) for pid in ranks):  # orphans: init reaps them, not us
+        assert time.monotonic() < deadline, f"processes {ranks} still alive after SIGKILL"
+        time.sleep(0.05)
+
+
 def kill_after_first_checkpoint(args, output: Path, steps: int, *, nproc: int = 1, timeout: float = 900,
                                 stage: str = "") -> int:
     """Start the run, wait for its first checkpoint, pick a later step at random, SIGKILL the whole process group
@@ -105,7 +144,7 @@ def kill_after_first_checkpoint(args, output: Path, steps: int, *, nproc: int = 
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_run(proc)
         proc.wait()
         stderr.close()
     assert proc.returncode == -signal.SIGKILL, proc.returncode

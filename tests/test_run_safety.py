@@ -26,7 +26,7 @@ import torch
 
 from tinybert.rundir import Metrics, RunDir, manifest_problem, write_manifest
 
-from launch import _command, _env, checkpoint_steps, kill_after_first_checkpoint, logged_steps, ok, tinybert
+from launch import _command, _env, checkpoint_steps, kill_after_first_checkpoint, kill_run, logged_steps, ok, tinybert
 from test_general import CAROL, assert_log_has_each_step_once, error_line, save_student, snapshot
 
 STEPS = 6
@@ -322,7 +322,7 @@ def _kill_during_checkpoint_write(args: list, output: Path, timeout: float = 900
             time.sleep(0.001)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_run(proc)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
