@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinybert.data import (DataError, Task, _glue_columns, _glue_folder, _text_and_label_columns, file_sha256, get_task,
+from tinybert.data import (DataError, TaskSpec, _glue_columns, _glue_folder, _text_and_label_columns, file_sha256, get_task,
                            load_task, read_records)
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
@@ -457,7 +457,7 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
     return Table(str(path), file_sha256(path), columns, rows, [columns.index(c) for c in text_columns], kind)
 
 
-def _hub_table(task: Task, output: Path) -> Table:
+def _hub_table(task: TaskSpec, output: Path) -> Table:
     kind = _kind(output, ("jsonl", "csv"), f"rows from the hub dataset nyu-mll/glue/{task.name} are written with "
                                            f"its columns ({', '.join(task.text_columns)}, label), not GLUE's TSV")
     ds = load_task(task.name, None, splits=["train"])["train"]

@@ -23,7 +23,7 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
-class Task:
+class TaskSpec:
     """One labelled task: where its text and labels live, how it is scored, how long its sequences are.
 
     `label_names` is None for regression. GLUE TSV columns are header names, or 0-based positions for files with
@@ -66,44 +66,44 @@ class Task:
 # teachers fine-tuned on the hub dataset. Metrics and main metrics follow the paper's Table 1 (MCC for CoLA, F1 for
 # MRPC/QQP, Spearman for STS-B, accuracy for the rest).
 TASKS = {
-    "cola": Task(
+    "cola": TaskSpec(
         "cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), "matthews_correlation", 64,
         glue_dir="CoLA", tsv_columns=(3, 1), tsv_test_columns=("sentence",), tsv_width=4,
     ),
-    "sst2": Task(
+    "sst2": TaskSpec(
         "sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", 64,
         glue_dir="SST-2", tsv_columns=("sentence", "label"), tsv_test_columns=("sentence",),
     ),
-    "mrpc": Task(
+    "mrpc": TaskSpec(
         "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1", 128,
         glue_dir="MRPC", tsv_columns=("#1 String", "#2 String", "Quality"), tsv_test_columns=("#1 String", "#2 String"),
     ),
-    "qqp": Task(
+    "qqp": TaskSpec(
         "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "f1", 128,
         glue_dir="QQP", tsv_columns=("question1", "question2", "is_duplicate"),
         tsv_test_columns=("question1", "question2"),
     ),
-    "stsb": Task(
+    "stsb": TaskSpec(
         "stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), "spearmanr", 128,
         glue_dir="STS-B", tsv_columns=("sentence1", "sentence2", "score"), tsv_test_columns=("sentence1", "sentence2"),
     ),
-    "mnli": Task(
+    "mnli": TaskSpec(
         "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy", 128,
         glue_dir="MNLI", tsv_columns=("sentence1", "sentence2", "gold_label"),
         tsv_test_columns=("sentence1", "sentence2"), string_labels=True,
         dev_splits=("validation_matched", "validation_mismatched"), test_splits=("test_matched", "test_mismatched"),
     ),
-    "qnli": Task(
+    "qnli": TaskSpec(
         "qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
         glue_dir="QNLI", tsv_columns=("question", "sentence", "label"), tsv_test_columns=("question", "sentence"),
         string_labels=True,
     ),
-    "rte": Task(
+    "rte": TaskSpec(
         "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
         glue_dir="RTE", tsv_columns=("sentence1", "sentence2", "label"), tsv_test_columns=("sentence1", "sentence2"),
         string_labels=True,
     ),
-    "wnli": Task(
+    "wnli": TaskSpec(
         "wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy", 128,
         glue_dir="WNLI", tsv_columns=("sentence1", "sentence2", "label"), tsv_test_columns=("sentence1", "sentence2"),
     ),
@@ -119,7 +119,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> TaskSpec:
     """The GLUE task called `name` (e.g. 'sst2'), or a DataError listing the known ones."""
     task = TASKS.get(name.lower()) if isinstance(name, str) else None
     if task is None:
@@ -166,7 +166,7 @@ def _split_file(split: str) -> str:
     return split.replace("validation", "dev") + ".tsv"
 
 
-def _glue_folder(task: Task, root: Path) -> Path:
+def _glue_folder(task: TaskSpec, root: Path) -> Path:
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     if (root / task.glue_dir).is_dir():
@@ -222,11 +222,11 @@ def _read_csv(path: Path, delimiter: str, quoting: int, names: list[str] | None 
     return table, lines
 
 
-def _glue_split(path: Path, task: Task, split: str, labelled: bool) -> datasets.Dataset:
+def _glue_split(path: Path, task: TaskSpec, split: str, labelled: bool) -> datasets.Dataset:
     return _to_dataset(task, split, *_glue_columns(path, task, labelled)[1:])
 
 
-def _glue_columns(path: Path, task: Task, labelled: bool) -> tuple[datasets.Dataset, list[list[str]], list]:
+def _glue_columns(path: Path, task: TaskSpec, labelled: bool) -> tuple[datasets.Dataset, list[list[str]], list]:
     """One GLUE TSV file, checked row by row (errors name the file and the line): the file's table, its text
     columns and its labels (-1 in test files). GLUE text holds bare quotes (MRPC, RTE, STS-B): no quoting."""
     spec = task.tsv_columns if labelled else task.tsv_test_columns
@@ -244,11 +244,11 @@ def _glue_columns(path: Path, task: Task, labelled: bool) -> tuple[datasets.Data
     return table, texts, _labels(table[str(spec[-1])], lambda i: f"{path} line {lines[i]}", task, ids)
 
 
-def _class_ids(task: Task) -> dict[str, int]:
+def _class_ids(task: TaskSpec) -> dict[str, int]:
     return {str(i): i for i in range(task.num_labels)}
 
 
-def _labels(raw: list, where: Callable[[int], str], task: Task, ids: dict[str, int],
+def _labels(raw: list, where: Callable[[int], str], task: TaskSpec, ids: dict[str, int],
             known: str | None = None) -> list:
     """Raw labels -> class ids (ids: label as written -> id) or finite scores (regression); where(i) names row i."""
     if task.is_regression:
@@ -273,7 +273,7 @@ def _parse_float(raw, where: str) -> float:
     return value
 
 
-def _features(task: Task) -> datasets.Features:
+def _features(task: TaskSpec) -> datasets.Features:
     features = {"text_a": datasets.Value("string")}
     if task.is_pair:
         features["text_b"] = datasets.Value("string")
@@ -292,7 +292,7 @@ def _yield_rows(columns: dict[str, list]) -> Iterator[dict]:
         yield dict(zip(names, values))
 
 
-def _to_dataset(task: Task, split: str, texts: list[list[str]], labels: list) -> datasets.Dataset:
+def _to_dataset(task: TaskSpec, split: str, texts: list[list[str]], labels: list) -> datasets.Dataset:
     """Checked columns -> text_a[, text_b], label, idx as an Arrow table in the datasets cache (HF_DATASETS_CACHE),
     memory-mapped. Not `Dataset.from_dict`: `map` never caches results of in-memory datasets, so `tokenize` would
     re-run on every start. datasets keys the table by a hash of the columns (and this module's generator), so the
@@ -304,7 +304,7 @@ def _to_dataset(task: Task, split: str, texts: list[list[str]], labels: list) ->
                                            split=split)
 
 
-def _load_glue_hub(task: Task, splits: Sequence[str] | None) -> datasets.DatasetDict:
+def _load_glue_hub(task: TaskSpec, splits: Sequence[str] | None) -> datasets.DatasetDict:
     try:
         loaded = datasets.load_dataset("nyu-mll/glue", task.name)
     except Exception as e:  # no network, hub down, offline mode: all end the same way for the user
@@ -328,11 +328,11 @@ def load_custom(
     text_columns: Sequence[str],
     label_column: str,
     regression: bool | None = None,
-) -> tuple[datasets.DatasetDict, Task]:
+) -> tuple[datasets.DatasetDict, TaskSpec]:
     """Your own task from CSV, TSV, JSON (an array of objects, or one object per line) or JSONL files, by extension.
 
     files: split -> path; 'train' is required (it defines the label set). Returns the same columns as load_task
-    and a Task named 'custom'. Labels: the sorted set of train labels (numerically when all are integers), stored
+    and a TaskSpec named 'custom'. Labels: the sorted set of train labels (numerically when all are integers), stored
     as strings; a split without the label column is unlabeled (-1). regression=None infers it: numeric train labels
     with a fractional value mean regression; integer-valued scores need regression=True.
     """
@@ -362,7 +362,7 @@ def load_custom(
         metrics = ("pearson", "spearmanr")
     else:
         metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy",)  # F1 of class 1 needs 2 classes
-    task = Task(
+    task = TaskSpec(
         "custom", tuple(text_columns), label_names, metrics,
         main_metric="spearmanr" if regression else "accuracy",
         max_seq_length=128 if pair else 64,
@@ -378,7 +378,7 @@ def load_custom(
 
 
 def load_split_file(
-    path: str | os.PathLike, task: Task, split: str = "train", label_column: str = "label"
+    path: str | os.PathLike, task: TaskSpec, split: str = "train", label_column: str = "label"
 ) -> datasets.Dataset:
     """One labelled split of `task` from a file, e.g. an augmented train set; the same columns as load_task's.
 
@@ -571,7 +571,7 @@ def length_grouped_batches(
 
 
 def write_submission(
-    task: str | Task, predictions: Sequence, path: str | os.PathLike, indices: Sequence[int] | None = None
+    task: str | TaskSpec, predictions: Sequence, path: str | os.PathLike, indices: Sequence[int] | None = None
 ) -> Path:
     """Write one GLUE server prediction file: a header `index<TAB>prediction`, then one row per test example.
 

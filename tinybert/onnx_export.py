@@ -251,7 +251,7 @@ def named_task(model_dir: Path, task: str | None) -> tuple[str | None, str]:
 
 
 def load_dev(model_dir: Path, task: str | None, data_dir: str | None, tokenizer):
-    """(Task, tokenized first dev split, note) for the int8 score; (None, None, why not) when no task is named or,
+    """(TaskSpec, tokenized first dev split, note) for the int8 score; (None, None, why not) when no task is named or,
     for a task read from the run or card, its files are not here. A task named with --task must load."""
     from tinybert.data import TASKS, tokenize
     from tinybert.task import TaskSource

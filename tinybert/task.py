@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, save_model
 from tinybert.data import (
     DataError,
-    Task,
+    TaskSpec,
     collate_labelled,
     file_sha256,
     get_task,
@@ -92,7 +92,7 @@ class TaskSource:
         if self.train is not None and not self.text_columns:
             raise DataError("a custom task needs --text-columns (one or two column names, e.g. question,answer)")
 
-    def load(self, kinds: tuple[str, ...], max_train: int = 0, max_eval: int = 0) -> tuple[Task, dict]:
+    def load(self, kinds: tuple[str, ...], max_train: int = 0, max_eval: int = 0) -> tuple[TaskSpec, dict]:
         """The task and its splits for `kinds` (train, dev, test), each cut to its first max_* rows when > 0.
 
         Returns {split name: Dataset with text_a[, text_b], label, idx}; dev is one split per dev set of the task
@@ -122,11 +122,11 @@ class TaskSource:
         return task, out
 
 
-def _split_names(task: Task, kind: str) -> tuple[str, ...]:
+def _split_names(task: TaskSpec, kind: str) -> tuple[str, ...]:
     return {"train": ("train",), "dev": task.dev_splits, "test": task.test_splits}[kind]
 
 
-def for_task(recipe: Recipe, task: Task) -> tuple[Recipe, dict[str, str]]:
+def for_task(recipe: Recipe, task: TaskSpec) -> tuple[Recipe, dict[str, str]]:
     """Fill the keys a recipe leaves to the task (null max_seq_length, null epochs); also say where each came from."""
     changes, source = {}, {}
     if recipe.max_seq_length is None:
@@ -158,7 +158,7 @@ def make_plan(dataset, micro: int, seed: int):
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-def check_head(model: Bert, task: Task, who: str):
+def check_head(model: Bert, task: TaskSpec, who: str):
     """A model that must already predict `task` (a teacher, a model to evaluate): same label count, same order."""
     c = model.config
     if not c.num_labels:
@@ -167,7 +167,7 @@ def check_head(model: Bert, task: Task, who: str):
     _check_labels(model, task, who)
 
 
-def _check_labels(model: Bert, task: Task, who: str):
+def _check_labels(model: Bert, task: TaskSpec, who: str):
     c = model.config
     kind = lambda n, regression: "a regression head" if regression else f"{n} labels"  # noqa: E731
     if c.num_labels != task.num_labels or c.is_regression != task.is_regression:
@@ -184,7 +184,7 @@ def _check_labels(model: Bert, task: Task, who: str):
                           f"was it trained on another task?", stacklevel=3)
 
 
-def with_head(model: Bert, task: Task, who: str) -> Bert:
+def with_head(model: Bert, task: TaskSpec, who: str) -> Bert:
     """`model` with a head for `task`: its own when it has one with the task's labels, else a newly initialised one
     (a model whose head has another number of labels is an error). The masked-LM head is dropped."""
     c = model.config
@@ -253,12 +253,12 @@ def predict(model: Bert, dataset, pad_token_id: int, batch_size: int, device: to
     return out
 
 
-def to_predictions(logits: Tensor, task: Task) -> np.ndarray:
+def to_predictions(logits: Tensor, task: TaskSpec) -> np.ndarray:
     """Class ids (argmax), or the scores of a regression head."""
     return logits[:, 0].numpy() if task.is_regression else logits.argmax(-1).numpy()
 
 
-def score(model: Bert, task: Task, dev: dict, pad_token_id: int, batch_size: int, device) -> dict[str, float]:
+def score(model: Bert, task: TaskSpec, dev: dict, pad_token_id: int, batch_size: int, device) -> dict[str, float]:
     """The task's metrics on every dev split; the first split's keep their names, others get `split/` prefixed."""
     from tinybert.metrics import compute_metrics
 
@@ -428,7 +428,7 @@ def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, 
     return run_dir.best
 
 
-def finish(model: Bert, tokenizer, run_dir: RunDir, task: Task, state: dict, echo, when: str):
+def finish(model: Bert, tokenizer, run_dir: RunDir, task: TaskSpec, state: dict, echo, when: str):
     """After the last epoch: export last/ (best/ is written as it improves), write metrics.json, say where."""
     export(model, run_dir.last, tokenizer)
     Metrics(task=task.name, main_metric=task.main_metric, best=state["best"],
@@ -441,7 +441,7 @@ def finish(model: Bert, tokenizer, run_dir: RunDir, task: Task, state: dict, ech
 # ------------------------------------------------------------------------------------------------ task distillation
 
 
-def _prediction_mode(recipe: Recipe, task: Task, echo) -> str:
+def _prediction_mode(recipe: Recipe, task: TaskSpec, echo) -> str:
     mode = recipe.prediction
     if task.is_regression and mode == "soft":
         echo(f"stage2: task {task.name} is a regression; prediction=soft is read as mse (MSE to the gold scores, "
@@ -585,7 +585,7 @@ def _run_stage1(run: Run, stage1: Stage, recipe: Recipe, steps: int, run_dir: Ru
     return student_dir
 
 
-def _stage2(module: Distiller, recipe: Recipe, terms: dict, train2, task: Task, dev2: dict, pad: int, device,
+def _stage2(module: Distiller, recipe: Recipe, terms: dict, train2, task: TaskSpec, dev2: dict, pad: int, device,
             keeper: Keeper) -> Stage:
     """Stage 2 (predictions), scored by the task's metrics on every dev split; `keeper` exports the best."""
     micro = micro_batch_size(recipe)

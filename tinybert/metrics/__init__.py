@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinybert.data import TASKS, Task, get_task
+from tinybert.data import TASKS, TaskSpec, get_task
 
 GLUE_METRIC = Path(__file__).with_name("glue.py")
 
@@ -22,7 +22,7 @@ def load_metric(config_name: str):
     return evaluate.load(str(GLUE_METRIC), config_name, keep_in_memory=True)
 
 
-def _config_name(task: Task) -> str:
+def _config_name(task: TaskSpec) -> str:
     if task.name in TASKS:
         return task.name
     # A custom task is scored like the GLUE task with the same metrics (accuracy: sst2, accuracy+F1: mrpc, ...).
@@ -32,7 +32,7 @@ def _config_name(task: Task) -> str:
     raise ValueError(f"no GLUE metric configuration computes {task.metrics}")
 
 
-def compute_metrics(task: str | Task, predictions: Sequence, references: Sequence) -> dict[str, float]:
+def compute_metrics(task: str | TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
     """Score predictions (class ids, or scores for regression) against references.
 
     Returns {metric: value} with the task's metrics, e.g. mrpc -> {'accuracy': .., 'f1': ..}, stsb ->
@@ -46,7 +46,7 @@ def compute_metrics(task: str | Task, predictions: Sequence, references: Sequenc
     return {name: float(value) for name, value in result.items()}
 
 
-def main_metric(task: str | Task) -> str:
+def main_metric(task: str | TaskSpec) -> str:
     """The metric that picks the best checkpoint: matthews_correlation (cola), f1 (mrpc, qqp), spearmanr (stsb),
     accuracy (the rest)."""
     return (get_task(task) if isinstance(task, str) else task).main_metric
