@@ -10,6 +10,7 @@ per-task epochs)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -83,19 +84,15 @@ class Recipe:
     stage2: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for key, hint in typing.get_type_hints(Recipe).items():  # the keys that take one of a fixed set of strings
-            allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+        for key, hint in HINTS.items():  # the keys that take one of a fixed set of strings
+            allowed = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
             if allowed and getattr(self, key) not in allowed:
                 raise RecipeError(f"recipe key {key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "relation_heads",
-                    "learning_rate", "adam_eps", "temperature")
-        for key in positive:
-            if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise RecipeError(f"recipe key {key} must be positive, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "max_train_examples", "max_eval_examples", "epochs", "max_steps",
-                    "weight_decay", "max_grad_norm", "warmup_ratio", "heldout_fraction"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise RecipeError(f"recipe key {key} must be 0 or more, got {getattr(self, key)}")
+        for key in (*POSITIVE, *NOT_NEGATIVE):
+            value = getattr(self, key)
+            if value is not None and (value <= 0 if key in POSITIVE else value < 0):
+                bound = "positive" if key in POSITIVE else "0 or more"
+                raise RecipeError(f"recipe key {key} must be {bound}, got {value}")
         if self.warmup_ratio > 1 or self.heldout_fraction >= 1:  # fractions of the steps, of the corpus
             raise RecipeError(f"recipe keys warmup_ratio (0 to 1) and heldout_fraction (0 to below 1) are fractions, "
                               f"got {self.warmup_ratio} and {self.heldout_fraction}")
@@ -116,13 +113,13 @@ class Recipe:
         for term, weight in self.terms.items():
             if term not in LOSS_TERMS:
                 raise RecipeError(f"recipe key terms.{term}: unknown loss term; use {', '.join(LOSS_TERMS)}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            if not _matches(weight, float):
                 raise RecipeError(f"recipe key terms.{term}: weight must be a number, got {weight!r}")
         for name in STAGES:
             keys = getattr(self, name)
             for key, value in keys.items():
-                if key not in FIELDS or key in ("recipe", "deepspeed", *STAGES):
-                    raise _unknown(key, f"{name}.", [k for k in FIELDS if k not in ("recipe", "deepspeed", *STAGES)])
+                if key not in STAGE_KEYS:
+                    raise _unknown(key, f"{name}.", STAGE_KEYS)
                 keys[key] = _check_type(key, value, f"{name}.{key}")
             try:
                 if keys:  # the merged stage recipe runs these same checks on every value
@@ -139,24 +136,25 @@ class Recipe:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+HINTS = typing.get_type_hints(Recipe)
 STAGES = ("stage1", "stage2")
+STAGE_KEYS = [k for k in FIELDS if k not in ("recipe", "deepspeed", *STAGES)]  # the keys a stage may set
+POSITIVE = ("max_seq_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "relation_heads",
+            "learning_rate", "adam_eps", "temperature")
+NOT_NEGATIVE = ("eval_every", "save_every", "max_train_examples", "max_eval_examples", "epochs", "max_steps",
+                "weight_decay", "max_grad_norm", "warmup_ratio", "heldout_fraction")
 
 
 def _check_type(key: str, value, label: str | None = None):
-    hint = typing.get_type_hints(Recipe)[key]
+    hint = HINTS[key]
     numeric = hint is float or float in typing.get_args(hint)
     if numeric and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
-    ok = _matches(value, hint)
-    if not ok:
+    if not _matches(value, hint):
         raise RecipeError(f"recipe key {label or key}: expected {_type_name(hint)}, got {value!r} "
                           f"({type(value).__name__})")
-    if numeric and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    return float(value) if numeric and _matches(value, int) else value
 
 
 def _matches(value, hint) -> bool:
@@ -165,20 +163,11 @@ def _matches(value, hint) -> bool:
         return any(_matches(value, h) for h in typing.get_args(hint))
     if origin is Literal:  # a string here; Recipe.__post_init__ says which strings
         return isinstance(value, str)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, float):  # True is an int to Python, not to a recipe
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if hint is dict or origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)
+        return isinstance(value, list) and all(_matches(v, typing.get_args(hint)[0]) for v in value)
+    return isinstance(value, origin or hint)  # dict[...] is any dict
 
 
 def _type_name(hint) -> str:
@@ -233,22 +222,20 @@ def _set(data: dict, dotted: str, value):
     if top not in ("terms", "deepspeed", "task_epochs", *STAGES):
         raise RecipeError(f"recipe key {top} is not a mapping; write {top}=VALUE")
     if data.get(top) is None:  # start from the default mapping, so terms.attention=0 keeps the other terms
-        default = FIELDS[top].default_factory() if FIELDS[top].default_factory is not dataclasses.MISSING else None
-        data[top] = default or {}
+        data[top] = getattr(Recipe(), top) or {}
     if top == "deepspeed" and isinstance(data[top], str):  # `deepspeed=zero2-bf16.json deepspeed.x.y=1`
         data[top] = _read_json(data[top])
     node = data[top]
     for depth, part in enumerate(rest):
         if not isinstance(node, dict):
-            where = ".".join([top, *rest[:depth]])
-            raise RecipeError(f"recipe key {dotted}: {where} is {node!r}, not a mapping")
+            raise RecipeError(f"recipe key {dotted}: {'.'.join([top, *rest[:depth]])} is {node!r}, not a mapping")
         if depth < len(rest) - 1:
             node = node.setdefault(part, {})
     node[rest[-1]] = value
 
 
-def load_recipe(name_or_path: str, overrides: list[str] = (), **values) -> Recipe:
-    """Read a recipe, apply `values` (from CLI options) and `key=value` overrides, and check every key."""
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe, apply `key=value` overrides, and check every key."""
     path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -256,10 +243,11 @@ def load_recipe(name_or_path: str, overrides: list[str] = (), **values) -> Recip
         raise RecipeError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must be a mapping of recipe keys")
-    return build_recipe(data, overrides, **values)
+    return build_recipe(data, overrides)
 
 
 def build_recipe(data: dict, overrides: list[str] = (), **values) -> Recipe:
+    """A recipe from a mapping of recipe keys, then `values` (keyword arguments; None: unset), then `overrides`."""
     data = copy.deepcopy(data)
     for key in data:
         if key not in FIELDS:
@@ -269,8 +257,7 @@ def build_recipe(data: dict, overrides: list[str] = (), **values) -> Recipe:
             _set(data, key, value)
     for text in overrides:
         _set(data, *parse_override(text))
-    for key, value in list(data.items()):
-        data[key] = _check_type(key, value)
+    data = {key: _check_type(key, value) for key, value in data.items()}
     if isinstance(data.get("deepspeed"), str):
         data["deepspeed"] = _read_json(data["deepspeed"])
     return Recipe(**data)
@@ -279,8 +266,7 @@ def build_recipe(data: dict, overrides: list[str] = (), **values) -> Recipe:
 def _read_json(name: str) -> dict:
     # The bundled configs live in recipes/deepspeed/; `zero2-bf16.json` and `deepspeed/zero2-bf16.json` both work.
     candidates = (Path(name), RECIPE_DIR / name, RECIPE_DIR / "deepspeed" / name)
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
+    if (path := next((p for p in candidates if p.is_file()), None)) is None:
         raise RecipeError(f"recipe key deepspeed: no JSON file {name} (looked in the current directory, in "
                           f"{RECIPE_DIR} and in {RECIPE_DIR / 'deepspeed'})")
     try:
