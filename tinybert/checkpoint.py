@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tinybert.model import PRESETS, Bert, BertConfig
@@ -75,11 +76,10 @@ def hf_to_ours(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
         name = name.replace("LayerNorm.beta", "LayerNorm.bias")
         if IGNORED.match(name):
             continue
-        new = _rename(name, _HF_TO_OURS)
-        if new is None:
-            unexpected.append(name)
-        else:
+        if new := _rename(name, _HF_TO_OURS):
             ours[new] = tensor
+        else:
+            unexpected.append(name)
     return ours, unexpected
 
 
@@ -97,19 +97,14 @@ def ours_to_hf(state: dict[str, Tensor], *, prefix: str) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def _config_fields() -> set[str]:
-    return {f.name for f in BertConfig.__dataclass_fields__.values()}
-
-
 def _is_preset(source: str) -> bool:
     return source in PRESETS and not Path(source).exists()  # a folder of that name is a folder
 
 
 def _not_a_model(source) -> CheckpointError:
-    return CheckpointError(
-        f"{source} is neither a preset ({', '.join(PRESETS)}) nor a model directory nor a hub id; give a preset "
-        f"name, the path to an HF BERT checkpoint, or a hub id such as huawei-noah/TinyBERT_General_4L_312D"
-    )
+    return CheckpointError(f"{source} is neither a preset ({', '.join(PRESETS)}) nor a model directory nor a hub id; "
+                           f"give a preset name, the path to an HF BERT checkpoint, or a hub id such as "
+                           f"huawei-noah/TinyBERT_General_4L_312D")
 
 
 def resolve_model(source: str | os.PathLike, revision: str | None = None) -> str:
@@ -135,20 +130,17 @@ def read_config(directory: str | os.PathLike) -> BertConfig:
     if not Path(directory).is_dir():
         raise _not_a_model(directory)
     if not path.is_file():
-        raise CheckpointError(
-            f"{directory} has no config.json; a model directory needs config.json and model.safetensors "
-            f"(or pytorch_model.bin), as written by save_pretrained"
-        )
+        raise CheckpointError(f"{directory} has no config.json; a model directory needs config.json and "
+                              f"model.safetensors (or pytorch_model.bin), as written by save_pretrained")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-export the checkpoint") from None
     model_type = raw.get("model_type", "bert")  # the original TinyBERT's config.json carries no model_type
     if model_type != "bert":
-        raise CheckpointError(
-            f"{path} has model_type {model_type!r}; tinybert reads BERT checkpoints (model_type 'bert') only"
-        )
-    fields = {k: v for k, v in raw.items() if k in _config_fields()}
+        raise CheckpointError(f"{path} has model_type {model_type!r}; tinybert reads BERT checkpoints (model_type "
+                              f"'bert') only")
+    fields = {k: v for k, v in raw.items() if k in BertConfig.__dataclass_fields__}
     if raw.get("id2label"):
         fields["id2label"] = {int(k): v for k, v in raw["id2label"].items()}
     fields.pop("num_labels", None)  # decided by the weights: a classifier is present or it is not
@@ -159,27 +151,20 @@ def read_config(directory: str | os.PathLike) -> BertConfig:
 
 
 def read_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
-    directory = Path(directory)
-    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
+    paths = [Path(directory) / name for name in ("model.safetensors", "pytorch_model.bin")]
+    if (path := next((p for p in paths if p.is_file()), None)) is None:
+        raise CheckpointError(f"{directory} has no model.safetensors or pytorch_model.bin")
     try:
-        if safetensors_path.is_file():
-            from safetensors.torch import load_file
-
-            return load_file(safetensors_path)
-        if bin_path.is_file():
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        return load_file(path) if path == paths[0] else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or corrupt files raise many different exception types
-        path = safetensors_path if safetensors_path.is_file() else bin_path
-        raise CheckpointError(
-            f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            f"(the file is truncated or corrupt; copy or export it again)"
-        ) from None
-    raise CheckpointError(f"{directory} has no model.safetensors or pytorch_model.bin")
+        raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''} (the file is truncated or corrupt; copy or "
+                              f"export it again)") from None
 
 
-def load_model(source: str | os.PathLike, revision: str | None = None) -> Bert:
+def load_model(source: str | os.PathLike) -> Bert:
     """A preset name (random weights), an HF BERT checkpoint directory or a hub id (weights loaded exactly)."""
-    source = resolve_model(source, revision)
+    source = resolve_model(source)
     if _is_preset(source):
         return Bert(BertConfig.preset(source))
     config = read_config(source)
@@ -222,22 +207,15 @@ def load_state(model: Bert, weights: dict[str, Tensor], unexpected: list[str] = 
     expected = model.state_dict()
     missing = [_hf_name(k) for k in expected if k not in weights]
     unexpected = list(unexpected) + [_hf_name(k) for k in weights if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_names(unexpected)}")
-        raise CheckpointError(
-            f"{where}: weights do not match a BERT of its config.json ({'; '.join(parts)}); "
-            f"is config.json the one saved with these weights?"
-        )
+    parts = [f"{what} {_names(names)}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if parts:
+        raise CheckpointError(f"{where}: weights do not match a BERT of its config.json ({'; '.join(parts)}); "
+                              f"is config.json the one saved with these weights?")
     for name, tensor in weights.items():
         if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{where}: weight {_hf_name(name)} has shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(expected[name].shape)}; the config and the weights come from different models"
-            )
+            raise CheckpointError(f"{where}: weight {_hf_name(name)} has shape {tuple(tensor.shape)} but config.json "
+                                  f"implies {tuple(expected[name].shape)}; the config and the weights come from "
+                                  f"different models")
     model.load_state_dict(weights, strict=True)
 
 
@@ -250,13 +228,13 @@ def _names(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None, revision: str | None = None):
+def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None):
     """`AutoTokenizer.from_pretrained(dir)` of a directory or hub id: in transformers 5.x
     `BertTokenizerFast(vocab_file=...)` silently builds a 5-token vocabulary, so never construct one from a vocab
     file directly."""
     from transformers import AutoTokenizer
 
-    directory = resolve_model(directory, revision)
+    directory = resolve_model(directory)
     if _is_preset(directory):
         raise CheckpointError(f"{directory} is a preset, which has no tokenizer; give a model directory or hub id")
     # A folder with vocab.txt alone (the original BERT and TinyBERT releases: no tokenizer_config.json, no
@@ -265,14 +243,11 @@ def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), **({"tokenizer_type": "bert"} if bare else {}))
     except Exception as e:
-        raise CheckpointError(
-            f"cannot load a tokenizer from {directory} ({type(e).__name__}); it needs vocab.txt or tokenizer.json"
-        ) from None
+        raise CheckpointError(f"cannot load a tokenizer from {directory} ({type(e).__name__}); it needs vocab.txt or "
+                              f"tokenizer.json") from None
     if vocab_size is not None and len(tokenizer) != vocab_size:
-        raise CheckpointError(
-            f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
-            f"use the tokenizer the model was trained with"
-        )
+        raise CheckpointError(f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocab_size is "
+                              f"{vocab_size}; use the tokenizer the model was trained with")
     return tokenizer
 
 
@@ -281,29 +256,22 @@ def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = Non
 
 def hf_config(config: BertConfig) -> dict:
     """config.json contents that `transformers` reads as a BertConfig."""
-    d = {k: v for k, v in vars(config).items() if k not in ("num_labels", "problem_type", "id2label")}
-    d["model_type"] = "bert"
-    if config.num_labels:
-        d["architectures"] = ["BertForSequenceClassification"]
-        id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
-        d["id2label"] = {str(i): label for i, label in id2label.items()}
-        d["label2id"] = {label: i for i, label in id2label.items()}
-        d["problem_type"] = config.problem_type
-    else:
-        d["architectures"] = ["BertModel"]
     import transformers
 
-    d["transformers_version"] = transformers.__version__
-    return d
+    d = {k: v for k, v in vars(config).items() if k not in ("num_labels", "problem_type", "id2label")}
+    d.update(model_type="bert", architectures=["BertForSequenceClassification" if config.num_labels else "BertModel"])
+    if config.num_labels:
+        id2label = config.id2label or {i: f"LABEL_{i}" for i in range(config.num_labels)}
+        d.update(id2label={str(i): label for i, label in id2label.items()},
+                 label2id={label: i for i, label in id2label.items()}, problem_type=config.problem_type)
+    return {**d, "transformers_version": transformers.__version__}
 
 
-def save_model(model: Bert, directory: str | os.PathLike, tokenizer=None, *, extra_files: dict[str, str] = None):
+def save_model(model: Bert, directory: str | os.PathLike, tokenizer=None):
     """Write an HF directory: config.json, model.safetensors (HF names; `bert.` prefix when there is a classifier,
     as BertForSequenceClassification writes it) and the tokenizer files. The MLM head is not exported.
     Files are written into a temporary directory first and moved into place, so a failed save leaves no half
     model behind."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}
@@ -314,8 +282,6 @@ def save_model(model: Bert, directory: str | os.PathLike, tokenizer=None, *, ext
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         umask = os.umask(0)
         os.umask(umask)
         for path in tmp.iterdir():
@@ -332,9 +298,8 @@ def init_from_teacher(teacher: Bert, layers: list[int]) -> Bert:
     with the teacher's embeddings and pooler (DistilBERT-style initialisation)."""
     L = teacher.config.num_hidden_layers
     if not layers or any(not 1 <= i <= L for i in layers) or sorted(set(layers)) != list(layers):
-        raise CheckpointError(
-            f"--layers {','.join(map(str, layers))}: give strictly increasing teacher layers between 1 and {L}"
-        )
+        raise CheckpointError(f"--layers {','.join(map(str, layers))}: give strictly increasing teacher layers between "
+                              f"1 and {L}")
     student = Bert(teacher.config.replace(num_hidden_layers=len(layers), num_labels=0, id2label=None,
                                           problem_type=None))
     student.embeddings.load_state_dict(teacher.embeddings.state_dict())
