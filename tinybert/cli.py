@@ -20,12 +20,8 @@ except ImportError:  # pragma: no cover - typer on the real click
 
 import tinybert
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Distil BERT teachers into small, fast TinyBERT students that plain transformers can load.",
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil BERT teachers into small, fast TinyBERT students that plain transformers can load.")
 
 
 def _version(value: bool):
@@ -35,9 +31,8 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-):
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version.")):
     pass
 
 
@@ -60,9 +55,8 @@ def _resolve(source: str | None, revision: str | None = None) -> str | None:
     return None if source is None else resolve_model(source, revision)
 
 
-def _check_output(output: Path, overwrite: bool):
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} already holds files; choose another --output or pass --overwrite")
+def _text(path: Path | None) -> str | None:
+    return str(path) if path else None
 
 
 @app.command()
@@ -74,13 +68,10 @@ def info(model: str = typer.Argument(..., help="A preset name (bert-base, tinybe
 
     folder = _resolve(model, revision)
     bert = load_model(folder)
-    c = bert.config
-    counts = bert.num_parameters()
+    c, counts = bert.config, bert.num_parameters()
     typer.echo(f"model            {model}")
-    typer.echo(
-        f"shape            {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
-        f"{c.num_attention_heads} heads of {c.head_dim}"
-    )
+    typer.echo(f"shape            {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
+               f"{c.num_attention_heads} heads of {c.head_dim}")
     typer.echo(f"vocabulary       {c.vocab_size} tokens, {c.max_position_embeddings} positions, "
                f"{c.type_vocab_size} token types")
     head = "none" if not c.num_labels else ("regression" if c.is_regression else f"{c.num_labels} labels")
@@ -114,7 +105,8 @@ def init(
     from tinybert.checkpoint import init_from_teacher, load_model, load_tokenizer, save_model
     from tinybert.model import Bert, BertConfig
 
-    _check_output(output, overwrite)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output} already holds files; choose another --output or pass --overwrite")
     from_teacher = _resolve(from_teacher, revision)
     tokenizer = _resolve(tokenizer, None if from_teacher else revision)
     if from_teacher is not None:
@@ -126,8 +118,7 @@ def init(
             chosen = [int(x) for x in layers.split(",")]
         except ValueError:
             raise click_errors.UsageError(f"--layers {layers!r}: give comma-separated integers, e.g. 2,4,6") from None
-        teacher = load_model(from_teacher)
-        student = init_from_teacher(teacher, chosen)
+        student = init_from_teacher(load_model(from_teacher), chosen)
         tok = load_tokenizer(tokenizer or from_teacher, vocab_size=student.config.vocab_size)
         what = f"layers {chosen} of {from_teacher}"
     else:
@@ -135,21 +126,21 @@ def init(
             raise click_errors.UsageError("give --preset and --tokenizer (or --from-teacher DIR --layers ...)")
         config = BertConfig.preset(preset)
         tok = load_tokenizer(tokenizer)
-        config = config.replace(vocab_size=len(tok), pad_token_id=tok.pad_token_id or 0)
         torch.manual_seed(seed)
-        student = Bert(config)
+        student = Bert(config.replace(vocab_size=len(tok), pad_token_id=tok.pad_token_id or 0))
         what = f"preset {preset}, random init (seed {seed})"
     save_model(student, output, tok)
-    n = student.num_parameters()["total"]
-    typer.echo(f"wrote {output}: {what}, {n / 1e6:.1f}M parameters")
+    typer.echo(f"wrote {output}: {what}, {student.num_parameters()['total'] / 1e6:.1f}M parameters")
 
 
-# Where a task's rows come from; shared by finetune, distill --recipe task and eval.
+# Where a task's rows come from; shared by finetune, distill --recipe task and eval. --text-columns reaches a command
+# as a tuple of column names.
 TASK_OPTION = typer.Option(None, help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli.")
 DATA_DIR_OPTION = typer.Option(None, help="Folder holding the GLUE task folders (SST-2/, ...); default: the hub.")
 TRAIN_OPTION = typer.Option(None, help="Custom task: train file (CSV, TSV, JSON or JSONL) instead of --task.")
 VALIDATION_OPTION = typer.Option(None, help="Custom task: dev file, scored every epoch.")
-TEXT_COLUMNS_OPTION = typer.Option(None, help="Custom task: one or two text columns, e.g. question,answer.")
+TEXT_COLUMNS_OPTION = typer.Option(None, help="Custom task: one or two text columns, e.g. question,answer.",
+                                   callback=lambda text: tuple(c.strip() for c in text.split(",")) if text else ())
 LABEL_COLUMN_OPTION = typer.Option("label", help="Custom task: the label column.")
 
 
@@ -159,10 +150,8 @@ def _task_source(task, data_dir, train, validation, text_columns, label_column, 
     if (task is None) == (train is None):
         raise click_errors.UsageError("give either --task NAME (GLUE) or --train FILE --validation FILE "
                                       "--text-columns ... (your own task)")
-    columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
-    return TaskSource(task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
-                    validation=str(validation) if validation else None, text_columns=columns,
-                    label_column=label_column, augmented=str(augmented) if augmented else None)
+    return TaskSource(task=task, data_dir=_text(data_dir), train=_text(train), validation=_text(validation),
+                      text_columns=text_columns, label_column=label_column, augmented=_text(augmented))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -318,16 +307,14 @@ def augment(
     candidates. A killed run re-run with the same arguments goes on where it stopped."""
     from tinybert.augment import DEFAULT_COPIES, AugmentSettings, run_augment
 
-    columns = tuple(c.strip() for c in text_columns.split(",")) if text_columns else ()
     settings = AugmentSettings(
         copies=copies if copies is not None else DEFAULT_COPIES.get((task or "").lower(), 20), mask_prob=mask_prob,
         candidates=candidates, candidates_from=candidates_from, mlm_input=mlm_input, seed=seed,
         vectors_limit=vectors_limit, precision=precision)
     run_augment(output=output, mlm=_resolve(mlm, revision) if candidates_from != "vectors" else mlm,
-                word_vectors=str(word_vectors) if word_vectors else None, settings=settings,
-                task=task, data_dir=str(data_dir) if data_dir else None, train=str(train) if train else None,
-                text_columns=columns, label_column=label_column, overwrite=overwrite, echo=typer.echo,
-                progress=sys.stderr.isatty())
+                word_vectors=_text(word_vectors), settings=settings, task=task, data_dir=_text(data_dir),
+                train=_text(train), text_columns=text_columns, label_column=label_column, overwrite=overwrite,
+                echo=typer.echo, progress=sys.stderr.isatty())
 
 
 @app.command()
@@ -429,7 +416,7 @@ def export(
         raise click_errors.UsageError("MODEL_DIR is a hub id: give --output (the default, MODEL_DIR/onnx, would "
                                       "write into the hub cache)")
     export_onnx(model_dir, output, quantize=quantize, opset=opset, seq_len_hint=seq_len_hint, task=task,
-                data_dir=str(data_dir) if data_dir else None, overwrite=overwrite, echo=typer.echo)
+                data_dir=_text(data_dir), overwrite=overwrite, echo=typer.echo)
 
 
 @app.command()
@@ -438,10 +425,6 @@ def demo(output: Path = typer.Option(Path("runs/demo"), "--output", "-o", help="
     from tinybert.demo import run_demo
 
     run_demo(output, echo=typer.echo)
-
-
-# Errors a user can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
 
 
 def resume_command(argv: list[str]) -> str:
@@ -459,15 +442,6 @@ def resume_command(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        _run_app(argv)
-    finally:  # a command run in-process (tests, notebooks) frees its --output for the next one
-        from tinybert.guards import release_locks
-
-        release_locks()
-
-
-def _run_app(argv: list[str] | None) -> None:
     try:
         # standalone_mode=False returns the exit code of a typer.Exit (typer's answer to Ctrl-C is Exit(130)).
         code = app(args=argv, standalone_mode=False)
@@ -496,10 +470,15 @@ def _run_app(argv: list[str] | None) -> None:
             if e.rank == 0:
                 typer.echo(f"{e}; continue with: {resume_command(sys.argv[1:] if argv is None else argv)}", err=True)
             sys.exit(130)
-        if not isinstance(e, USER_ERRORS + (TrainingError,)) or os.environ.get("TINYBERT_TRACEBACK"):
+        # Errors a user can cause; anything else is a bug and keeps its traceback.
+        if not isinstance(e, (ValueError, OSError, TrainingError)) or os.environ.get("TINYBERT_TRACEBACK"):
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    finally:  # a command run in-process (tests, notebooks) frees its --output for the next one
+        from tinybert.guards import release_locks
+
+        release_locks()
 
 
 if __name__ == "__main__":

@@ -85,8 +85,7 @@ class RunDir:
         return list(folder.iterdir()) if folder.is_dir() else []
 
     def latest_checkpoint(self) -> Path | None:
-        found = self.checkpoints() if self.path.is_dir() else []
-        return found[-1] if found else None
+        return next(reversed(self.checkpoints()), None)
 
     def logs(self) -> list[Path]:
         """The run's log files: its own log.jsonl, and those of its stages (stage1/, stage2/)."""
@@ -113,8 +112,11 @@ def write_atomic(path: Path, text: str):
         tmp.unlink(missing_ok=True)
 
 
-def _write_json(record, path: Path):
-    write_atomic(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+class _JsonFile:
+    """A dataclass written as one JSON file (atomically)."""
+
+    def write(self, path: Path):
+        write_atomic(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 def read_log(path: Path) -> tuple[list[dict], bool]:
@@ -189,7 +191,7 @@ def manifest_problem(folder: Path) -> str | None:
 
 
 @dataclass
-class Metrics:
+class Metrics(_JsonFile):
     """metrics.json of a fine-tuning or task-distillation run. An evaluation is {"stage", "step", metric: value...};
     metrics of a second dev split are keyed "split/metric" (MNLI's mismatched). best: the evaluation whose model is
     in best/; last: the one of last/ (None when the run never evaluated); history: every evaluation, in order."""
@@ -199,9 +201,6 @@ class Metrics:
     best: dict | None
     last: dict | None
     history: list[dict]
-
-    def write(self, path: Path):
-        _write_json(self, path)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Metrics:
@@ -246,7 +245,7 @@ SPEEDUP_ALIASES = {"latency": "latency_speedup", "throughput": "throughput_speed
 
 
 @dataclass
-class Bench:
+class Bench(_JsonFile):
     """bench.json: `tinybert bench MODEL --vs OTHER` (speedup: latency_speedup, throughput_speedup, size_ratio of
     MODEL over OTHER, > 1 = MODEL is faster or smaller; machine: cpu, gpu, torch, date). `tinybert bench EXPORT
     --engine onnxruntime`: model is the ONNX fp32 graph, vs the PyTorch model it came from, int8 the quantised graph
@@ -258,9 +257,6 @@ class Bench:
     machine: dict | None = None
     int8: BenchSide | None = None
     int8_speedup: dict[str, float] | None = None
-
-    def write(self, path: Path):
-        _write_json(self, path)
 
     @classmethod
     def read(cls, source) -> Bench:
