@@ -269,9 +269,8 @@ def hf_config(config: BertConfig) -> dict:
 
 def save_model(model: Bert, directory: str | os.PathLike, tokenizer=None):
     """Write an HF directory: config.json, model.safetensors (HF names; `bert.` prefix when there is a classifier,
-    as BertForSequenceClassification writes it) and the tokenizer files. The MLM head is not exported.
-    Files are written into a temporary directory first and moved into place, so a failed save leaves no half
-    model behind."""
+    as BertForSequenceClassification writes it) and the tokenizer files, not the MLM head. They are written into a
+    temporary directory and moved into place, so a failed save leaves no half model behind."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")}

@@ -1,9 +1,6 @@
 """The run folder as one named contract, and one typed schema for each JSON file a run or `tinybert bench` writes
-(metrics.json, bench.json), written and read by the same code.
-
-A module of its own, without torch, because report.py and publish.py read run folders without the training stack
-that train.py, general.py and task.py bring in to write them.
-"""
+(metrics.json, bench.json), written and read by the same code. Without torch: report.py and publish.py read run
+folders without the training stack that train.py, general.py and task.py bring in to write them."""
 
 from __future__ import annotations
 
@@ -65,9 +62,8 @@ class RunDir:
         return self.path / CHECKPOINTS / f"{'.tmp-' if tmp else ''}step-{step:07d}"
 
     def checkpoints(self) -> list[Path]:
-        """Checkpoint folders, oldest first (a `.tmp-` directory is a write that did not finish; a folder whose
-        name is not step-NNNNNNN is not one of ours: see odd_checkpoints). Whether one is complete and unchanged
-        is its manifest's say (manifest_problem)."""
+        """Checkpoint folders (step-NNNNNNN), oldest first; see odd_checkpoints and unfinished_checkpoints for the
+        rest. Whether one is complete and unchanged is its manifest's say (manifest_problem)."""
         return sorted((p for p in self._checkpoint_folders() if CHECKPOINT_NAME.fullmatch(p.name)),
                       key=lambda p: int(p.name.split("-")[1]))
 
@@ -294,6 +290,5 @@ def _fields(raw: dict, aliases: dict, texts: tuple[str, ...] = ()) -> dict:
 
 
 def _side(raw: dict) -> BenchSide:
-    names = {f.name for f in dataclasses.fields(BenchSide)}
     fields = _fields(raw, BENCH_ALIASES, texts=("model", "engine", "device", "dtype"))
-    return BenchSide(**{k: v for k, v in fields.items() if k in names})
+    return BenchSide(**{k: v for k, v in fields.items() if k in BenchSide.__dataclass_fields__})
