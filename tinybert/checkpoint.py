@@ -86,11 +86,9 @@ def hf_to_ours(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
 def ours_to_hf(state: dict[str, Tensor], *, prefix: str) -> dict[str, Tensor]:
     hf = {}
     for name, tensor in state.items():
-        new = _rename(name, _OURS_TO_HF)
-        if new is None:
+        if (new := _rename(name, _OURS_TO_HF)) is None:
             raise CheckpointError(f"internal: no HF name for weight {name!r}")
-        is_head = new.startswith(("classifier.", "cls."))
-        hf[new if is_head else prefix + new] = tensor.detach().contiguous()
+        hf[new if new.startswith(("classifier.", "cls.")) else prefix + new] = tensor.detach().contiguous()
     return hf
 
 
