@@ -32,6 +32,19 @@ def read_log(path: Path) -> list[dict]:
         raise ReportError(str(e)) from None
 
 
+def read_recipe(path: Path) -> dict | None:
+    """A run's recipe.yaml: None when it is missing or holds no mapping; ValueError, naming it, when it is no YAML."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return recipe if isinstance(recipe, dict) else None
+
+
 def _keys(records: list[dict], exclude=()) -> list[str]:
     """Numeric keys in order of first appearance, `loss` (the weighted sum) first."""
     keys = []
@@ -126,16 +139,11 @@ def _table(records: list[dict], keys: list[str]) -> list[str]:
 
 
 def _recipe_lines(run_dir: Path) -> list[str]:
-    path = RunDir(run_dir).recipe
-    if not path.is_file():
-        return []
-    import yaml
-
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        recipe = read_recipe(RunDir(run_dir).recipe)
+    except ValueError:
         return ["(recipe.yaml could not be read)", ""]
-    if not isinstance(recipe, dict):
+    if recipe is None:
         return []
     keys = ["recipe", "teacher", "student", "model", "corpus", "task", "augmented", "layer_map", "terms",
             "batch_size", "max_seq_length", "learning_rate", "max_steps", "epochs", "precision"]
