@@ -145,12 +145,11 @@ def normalise_results(raw, *, task: str | None = None, split: str = "validation"
         return [Result(task, split, found, dataset)] if found else []
     flat = {k: float(v) for k, v in raw.items() if is_finite_number(v) and k not in ("step", "epoch")}
     results = [Result(task, split, flat, dataset)] if flat else []
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            if key in SPLIT_NAMES:
-                results += normalise_results(value, task=task, split=key)
-            else:
-                results += normalise_results({"task": key, "split": split, **value}, task=key, split=split)
+    for key, value in raw.items():  # nested: {"validation": {...}} or {"sst2": {...}}
+        if isinstance(value, dict) and key in SPLIT_NAMES:
+            results += normalise_results(value, task=task, split=key)
+        elif isinstance(value, dict):
+            results += normalise_results({"task": key, "split": split, **value}, task=key, split=split)
     return results
 
 
@@ -234,16 +233,18 @@ def _hub_id(name: str | None) -> str | None:
 
     from tinybert.download import hub_snapshot
 
-    if name and (snapshot := hub_snapshot(name)):
-        return snapshot[0]
-    local = name and (Path(str(name)).expanduser().exists() or str(name).startswith(("/", ".", "~")))
-    if not name or local or str(name).count("/") != 1:
+    if not name:
         return None
+    if snapshot := hub_snapshot(name):
+        return snapshot[0]
+    name = str(name)
+    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return None  # a local path, or no OWNER/NAME
     try:
-        validate_repo_id(str(name))
+        validate_repo_id(name)
     except HFValidationError:
         return None
-    return str(name)
+    return name
 
 
 def _count_parameters(directory: str | os.PathLike) -> int | None:
@@ -287,38 +288,14 @@ def _uniform_map(teacher: str | None, student_layers: int) -> list[int] | None:
     """The explicit list behind `layer_map: uniform`, when the teacher is a local checkpoint to count layers in."""
     from tinybert.losses import LayerMapError, uniform_layer_map
 
-    if not teacher or not (Path(teacher) / "config.json").is_file():
-        return None
     try:
-        return uniform_layer_map(read_config(teacher).num_hidden_layers, student_layers)
-    except (CheckpointError, LayerMapError):
+        return uniform_layer_map(read_config(teacher).num_hidden_layers, student_layers) if teacher else None
+    except (CheckpointError, LayerMapError):  # no local checkpoint
         return None
 
 
 def _shown(value) -> str:
     return ", ".join(f"`{v}`" for v in value) if isinstance(value, list) else f"`{value}`"
-
-
-def _loss_lines(recipe: dict, terms: dict[str, float], student_layers: int) -> list[str]:
-    """What a stage's recipe says about the loss terms it trained: layer map, weights, modes."""
-    lines = []
-    layer_map = recipe.get("layer_map")
-    if layer_map == "uniform":
-        layer_map = _uniform_map(recipe.get("teacher"), student_layers) or layer_map
-    if layer_map is not None and any(t in terms for t in LAYER_TERMS):
-        shown = f"`{layer_map}`" if isinstance(layer_map, list) else f"{layer_map} ({student_layers} student layers)"
-        lines.append(f"layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
-    if terms:
-        lines.append("loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
-    if "attention" in terms and recipe.get("attention_mode"):
-        lines.append(f"attention loss: MSE of pre-softmax scores, mode `{recipe['attention_mode']}`")
-    if ("hidden" in terms or "embedding" in terms) and "shared_projection" in recipe:
-        lines.append(f"hidden-state projections: {'one shared' if recipe['shared_projection'] else 'one per layer'}"
-                     f" (trained with the student, not exported)")
-    if "prediction" in terms:
-        lines.append(f"prediction loss: `{recipe.get('prediction', 'soft')}`, temperature "
-                     f"{_fmt(recipe.get('temperature', 1.0))}, soft mode `{recipe.get('soft_mode', 'original')}`")
-    return lines
 
 
 def _stage_lines(run: RunRecord, stage: str, student_layers: int) -> list[str]:
@@ -333,7 +310,22 @@ def _stage_lines(run: RunRecord, stage: str, student_layers: int) -> list[str]:
               for key in DATA_KEYS if recipe.get(key)]
     lines += [f"{key.replace('_', ' ')}: `{value}`" for key, value in recipe.items()
               if "augment" in key and value not in (None, False, "")]
-    lines += _loss_lines(recipe, terms, student_layers)
+    if any(t in terms for t in LAYER_TERMS) and recipe.get("layer_map") is not None:
+        layer_map = recipe["layer_map"]
+        if layer_map == "uniform":
+            layer_map = _uniform_map(recipe.get("teacher"), student_layers) or layer_map
+        shown = f"`{layer_map}`" if isinstance(layer_map, list) else f"{layer_map} ({student_layers} student layers)"
+        lines.append(f"layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
+    if terms:
+        lines.append("loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
+    if "attention" in terms and recipe.get("attention_mode"):
+        lines.append(f"attention loss: MSE of pre-softmax scores, mode `{recipe['attention_mode']}`")
+    if ("hidden" in terms or "embedding" in terms) and "shared_projection" in recipe:
+        lines.append(f"hidden-state projections: {'one shared' if recipe['shared_projection'] else 'one per layer'}"
+                     f" (trained with the student, not exported)")
+    if "prediction" in terms:
+        lines.append(f"prediction loss: `{recipe.get('prediction', 'soft')}`, temperature "
+                     f"{_fmt(recipe.get('temperature', 1.0))}, soft mode `{recipe.get('soft_mode', 'original')}`")
     train = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "train"]
     steps = max((r.get("step", 0) for r in train), default=None)
     optim = [f"{steps:,} steps" if steps else None,
@@ -492,15 +484,13 @@ def _onnx_section(export: Path, repo_id: str | None) -> dict:
     files = [[f"`{SUBFOLDER}/{name}`", "int8 (dynamic quantisation)" if kind == "int8" else kind,
               f"{(export / name).stat().st_size / 2**20:.1f} MB" if (export / name).is_file() else "-"]
              for kind, name in facts["files"].items()]
-    result = facts["int8_eval"]
-    if INT8_FILE not in facts["files"].values():
-        int8 = None
-    elif result:
+    int8, result = None, facts["int8_eval"]
+    if INT8_FILE in facts["files"].values() and result:
         task = GLUE_NAMES.get(str(result["task"]).lower(), result["task"])
-        metric = METRIC_NAMES.get(result["metric"], result["metric"])
-        int8 = (f"{task} dev {metric.lower()} {result['int8']:.4f} against {result['fp32']:.4f} for fp32 "
+        metric = METRIC_NAMES.get(result["metric"], result["metric"]).lower()
+        int8 = (f"{task} dev {metric} {result['int8']:.4f} against {result['fp32']:.4f} for fp32 "
                 f"({result['examples']} rows; {result['agreement']:.1%} of predictions unchanged)")
-    else:
+    elif INT8_FILE in facts["files"].values():
         int8 = "not measured at export (no task dev set was named or found)"
     speed, setting, bench = [], "", facts["speed"]  # a rundir.Bench
     if bench:
@@ -643,10 +633,8 @@ def push(model_dir: str | os.PathLike, repo_id: str, *, private: bool = False, r
             step = f"create branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload the files"
-        info = api.create_commit(
-            repo_id=repo_id, operations=operations, revision=revision,
-            commit_message=commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert",
-        )
+        message = commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert"
+        info = api.create_commit(repo_id=repo_id, operations=operations, revision=revision, commit_message=message)
     except _transport_errors() as e:
         raise PushError(f"cannot reach {endpoint} to {step} ({type(e).__name__}: {_scrub(e, token)}); check the "
                         f"network and --endpoint") from None
