@@ -85,24 +85,17 @@ def read_run(path: str | os.PathLike) -> RunRecord:
 
 def _run_of(directory: Path) -> Path | None:
     """The run a model directory was exported into: RUN/student, RUN/best, RUN/last, RUN/stage1/student."""
-    for parent in list(directory.resolve().parents)[:2]:
-        if RunDir(parent).recipe.is_file():
-            return parent
-    return None
+    return next((p for p in list(directory.resolve().parents)[:2] if RunDir(p).recipe.is_file()), None)
 
 
-def _default_run_dirs(model_dir: Path) -> list[Path]:
+def _default_runs(model_dir: Path) -> list[RunRecord]:
     """The runs behind a model, oldest first: the run it was exported by, and, while the model a run started from
     (`student`, or `model` for fine-tuning) is a local export of another run, that run too (general distillation
     -> task distillation -> fine-tuning)."""
     runs, run = [], _run_of(model_dir)
-    while run is not None and run not in runs and len(runs) < 8:
-        runs.insert(0, run)
-        try:
-            recipe = read_recipe(RunDir(run).recipe) or {}
-        except ValueError:
-            break
-        start = recipe.get("student") or recipe.get("model")
+    while run is not None and run not in [r.path for r in runs] and len(runs) < 8:
+        runs.insert(0, read_run(run))
+        start = runs[0].recipe.get("student") or runs[0].recipe.get("model")
         run = _run_of(Path(start)) if isinstance(start, str) and Path(start).is_dir() else None
     return runs
 
@@ -249,15 +242,12 @@ def _hub_id(name: str | None) -> str | None:
 
 def _count_parameters(directory: str | os.PathLike) -> int | None:
     """Parameters stored in a checkpoint's safetensors, from the header only (no weights are read)."""
-    path = Path(directory) / "model.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
+    try:
+        with safe_open(str(Path(directory) / "model.safetensors"), "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception:  # an unreadable teacher only costs the card one figure
+    except Exception:  # a missing or unreadable teacher only costs the card one figure
         return None
 
 
@@ -368,7 +358,7 @@ def model_card(model_dir: str | os.PathLike, *, run_dirs: list[str | os.PathLike
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     config = model.config
-    runs = [read_run(d) for d in (run_dirs if run_dirs is not None else _default_run_dirs(model_dir))]
+    runs = [read_run(d) for d in run_dirs] if run_dirs is not None else _default_runs(model_dir)
     last = runs[-1].recipe if runs else {}
     teacher = last.get("teacher")  # of the run that produced this model
     origin = teacher or last.get("model")  # a fine-tuning run starts from a model, with no teacher
