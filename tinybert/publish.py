@@ -122,10 +122,11 @@ def normalise_results(raw, *, task: str | None = None, split: str = "validation"
     if raw is None:
         return []
     if isinstance(raw, (str, os.PathLike)):
+        path = Path(raw)
         try:
-            raw = json.loads(Path(raw).read_text())
+            raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"results file {Path(raw)}: {type(e).__name__}: {e}") from None
+            raise ValueError(f"results file {path}: {type(e).__name__}: {e}") from None
     if isinstance(raw, list):
         return [r for item in raw for r in normalise_results(item, task=task, split=split)]
     if not isinstance(raw, dict):
