@@ -8,6 +8,7 @@ recipe (layer map, loss weights and modes, temperature, data), evaluation result
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -15,11 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from tinybert.checkpoint import CheckpointError, load_model, read_config
 from tinybert.losses import LAYER_TERMS, LOSS_TERMS
-from tinybert.report import read_log
+from tinybert.report import read_log, read_recipe
 from tinybert.rundir import BENCH, BEST, LAST, STAGE1, STAGE2, STUDENT, Bench, Metrics, RunDir, is_finite_number
 
 STAGE_TITLES = {
@@ -37,9 +36,6 @@ GLUE_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "st
 METRIC_TYPES = {"pearson": "pearsonr"}  # our result keys -> the Hub's metric ids, where they differ
 METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "Matthews correlation",
                 "pearson": "Pearson", "pearsonr": "Pearson", "spearmanr": "Spearman"}
-
-
-
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"  # Jinja, filled by model_card
 
 
@@ -69,11 +65,8 @@ class RunRecord:
 
     @property
     def stages(self) -> list[str]:
-        seen = []
-        for r in self.records:
-            if r.get("stage") and r["stage"] not in seen:
-                seen.append(r["stage"])
-        return seen or list(RECIPE_STAGES.get(self.recipe.get("recipe"), ()))
+        logged = dict.fromkeys(r["stage"] for r in self.records if r.get("stage"))
+        return list(logged) or list(RECIPE_STAGES.get(self.recipe.get("recipe"), ()))
 
 
 def read_run(path: str | os.PathLike) -> RunRecord:
@@ -81,41 +74,28 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     if not path.is_dir():
         raise ValueError(f"run directory {path} does not exist")
     run_dir = RunDir(path)
-    recipe_file, logs = run_dir.recipe, run_dir.logs()
-    if not recipe_file.is_file() and not logs:
+    logs = run_dir.logs()
+    if not run_dir.recipe.is_file() and not logs:
         raise ValueError(f"{path} holds neither recipe.yaml nor log.jsonl; give a run directory written by "
                          f"tinybert distill or finetune")
-    recipe = {}
-    if recipe_file.is_file():
-        try:
-            recipe = yaml.safe_load(recipe_file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{recipe_file} is not valid YAML ({str(e).splitlines()[0]})") from None
+    recipe = read_recipe(run_dir.recipe) or {}
     metrics = Metrics.read(run_dir.metrics) if run_dir.metrics.is_file() else None
-    records = [r for log in logs for r in read_log(log)]
-    return RunRecord(path, recipe if isinstance(recipe, dict) else {}, records, metrics)
+    return RunRecord(path, recipe, [r for log in logs for r in read_log(log)], metrics)
 
 
 def _run_of(directory: Path) -> Path | None:
     """The run a model directory was exported into: RUN/student, RUN/best, RUN/last, RUN/stage1/student."""
-    for parent in list(directory.resolve().parents)[:2]:
-        if RunDir(parent).recipe.is_file():
-            return parent
-    return None
+    return next((p for p in list(directory.resolve().parents)[:2] if RunDir(p).recipe.is_file()), None)
 
 
-def _default_run_dirs(model_dir: Path) -> list[Path]:
+def _default_runs(model_dir: Path) -> list[RunRecord]:
     """The runs behind a model, oldest first: the run it was exported by, and, while the model a run started from
     (`student`, or `model` for fine-tuning) is a local export of another run, that run too (general distillation
     -> task distillation -> fine-tuning)."""
     runs, run = [], _run_of(model_dir)
-    while run is not None and run not in runs and len(runs) < 8:
-        runs.insert(0, run)
-        try:
-            recipe = yaml.safe_load(RunDir(run).recipe.read_text()) or {}
-        except yaml.YAMLError:
-            break
-        start = (recipe.get("student") or recipe.get("model")) if isinstance(recipe, dict) else None
+    while run is not None and run not in [r.path for r in runs] and len(runs) < 8:
+        runs.insert(0, read_run(run))
+        start = runs[0].recipe.get("student") or runs[0].recipe.get("model")
         run = _run_of(Path(start)) if isinstance(start, str) and Path(start).is_dir() else None
     return runs
 
@@ -159,19 +139,18 @@ def normalise_results(raw, *, task: str | None = None, split: str = "validation"
         return [Result(task, split, found, dataset)] if found else []
     flat = {k: float(v) for k, v in raw.items() if is_finite_number(v) and k not in ("step", "epoch")}
     results = [Result(task, split, flat, dataset)] if flat else []
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            if key in SPLIT_NAMES:
-                results += normalise_results(value, task=task, split=key)
-            else:
-                results += normalise_results({"task": key, "split": split, **value}, task=key, split=split)
+    for key, value in raw.items():  # nested: {"validation": {...}} or {"sst2": {...}}
+        if isinstance(value, dict) and key in SPLIT_NAMES:
+            results += normalise_results(value, task=task, split=key)
+        elif isinstance(value, dict):
+            results += normalise_results({"task": key, "split": split, **value}, task=key, split=split)
     return results
 
 
-def _dev_splits(task: str) -> tuple[str, ...]:
-    from tinybert.data import TASKS
+def _dev_split(task: str) -> str:
+    from tinybert.data import TASKS  # datasets and torch: only for the metrics that name no split
 
-    return TASKS[task.lower()].dev_splits if task.lower() in TASKS else ("validation",)
+    return TASKS[task.lower()].dev_splits[0] if task.lower() in TASKS else "validation"
 
 
 def run_results(run: RunRecord, model_dir: Path) -> list[Result]:
@@ -188,7 +167,7 @@ def run_results(run: RunRecord, model_dir: Path) -> list[Result]:
     for key, value in chosen.items():
         if is_finite_number(value) and key not in ("step", "epoch", "loss"):
             split, _, name = key.rpartition("/")
-            by_split.setdefault(split or _dev_splits(task)[0], {})[name] = float(value)
+            by_split.setdefault(split or _dev_split(task), {})[name] = float(value)
     return [Result(task, split, metrics, source=source) for split, metrics in by_split.items()]
 
 
@@ -196,14 +175,12 @@ def _eval_result(result: Result, metric: str, value: float):
     from huggingface_hub import EvalResult
 
     task = result.task.lower()
-    if task in GLUE_NAMES:
-        dataset_type, dataset_name, config = result.dataset or "nyu-mll/glue", f"GLUE {GLUE_NAMES[task]}", task
-    else:
-        dataset_type, dataset_name, config = result.dataset or result.task, result.task, None
+    glue = task in GLUE_NAMES
     return EvalResult(
         task_type="text-classification", task_name="Text Classification",
-        dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=config, dataset_split=result.split,
-        metric_type=METRIC_TYPES.get(metric, metric), metric_value=round(value, 4),
+        dataset_type=result.dataset or ("nyu-mll/glue" if glue else result.task),
+        dataset_name=f"GLUE {GLUE_NAMES[task]}" if glue else result.task, dataset_config=task if glue else None,
+        dataset_split=result.split, metric_type=METRIC_TYPES.get(metric, metric), metric_value=round(value, 4),
         metric_name=METRIC_NAMES.get(metric, metric),
     )
 
@@ -221,12 +198,11 @@ def read_bench(bench) -> dict | None:
         bench = Bench.read(bench)
 
     def side(s):
-        figure = lambda x: None if x is None else float(x)  # noqa: E731
-        return None if s is None else {"name": s.model, "p50": figure(s.latency_ms_p50),
-                                       "p95": figure(s.latency_ms_p95),
-                                       "throughput": figure(s.throughput_seq_per_s), "params": figure(s.parameters)}
+        figures = {"p50": s.latency_ms_p50, "p95": s.latency_ms_p95, "throughput": s.throughput_seq_per_s,
+                   "params": s.parameters}
+        return {"name": s.model, **{k: None if x is None else float(x) for k, x in figures.items()}}
 
-    model, vs = side(bench.model), side(bench.vs)
+    model, vs = side(bench.model), bench.vs and side(bench.vs)
     given = bench.speedup or {}
     speedup = {"latency": given.get("latency_speedup"), "throughput": given.get("throughput_speedup")}
     if speedup["latency"] is None and vs and model["p50"] and vs["p50"]:
@@ -244,10 +220,6 @@ def read_bench(bench) -> dict | None:
 # ------------------------------------------------------------------------------------------------------- card
 
 
-def _local_path(name: str | None) -> bool:
-    return bool(name) and (Path(str(name)).expanduser().exists() or str(name).startswith(("/", ".", "~")))
-
-
 def _hub_id(name: str | None) -> str | None:
     """`name` when it reads as a Hub repo id and is no local path, else None (metadata needs real Hub ids). A run
     given a hub id records the model's folder in the hub cache; its repo id is read back from that."""
@@ -255,28 +227,28 @@ def _hub_id(name: str | None) -> str | None:
 
     from tinybert.download import hub_snapshot
 
-    if name and (snapshot := hub_snapshot(name)):
-        return snapshot[0]
-    if not name or _local_path(name) or str(name).count("/") != 1:
+    if not name:
         return None
+    if snapshot := hub_snapshot(name):
+        return snapshot[0]
+    name = str(name)
+    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return None  # a local path, or no OWNER/NAME
     try:
-        validate_repo_id(str(name))
+        validate_repo_id(name)
     except HFValidationError:
         return None
-    return str(name)
+    return name
 
 
 def _count_parameters(directory: str | os.PathLike) -> int | None:
     """Parameters stored in a checkpoint's safetensors, from the header only (no weights are read)."""
-    path = Path(directory) / "model.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
+    from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
+    try:
+        with safe_open(str(Path(directory) / "model.safetensors"), "pt") as f:
             return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception:  # an unreadable teacher only costs the card one figure
+    except Exception:  # a missing or unreadable teacher only costs the card one figure
         return None
 
 
@@ -285,9 +257,7 @@ def _millions(n: float | None) -> str:
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _md_link(name: str) -> str:
@@ -301,7 +271,7 @@ def _stage_terms(run: RunRecord, stage: str) -> dict[str, float]:
     weights = run.recipe_for(stage).get("terms") or {}
     logged = [t for t in LOSS_TERMS if any(r.get("stage") == stage and t in r for r in run.records)]
     if not run.records:
-        logged = {"stage2": ["prediction"], "finetune": []}.get(stage, [t for t in weights if t != "prediction"])
+        logged = ["prediction"] if stage == STAGE2 else [t for t in weights if t != "prediction"]
     return {t: weights.get(t, 1.0) for t in logged}
 
 
@@ -309,43 +279,34 @@ def _uniform_map(teacher: str | None, student_layers: int) -> list[int] | None:
     """The explicit list behind `layer_map: uniform`, when the teacher is a local checkpoint to count layers in."""
     from tinybert.losses import LayerMapError, uniform_layer_map
 
-    if not teacher or not (Path(teacher) / "config.json").is_file():
-        return None
     try:
-        return uniform_layer_map(read_config(teacher).num_hidden_layers, student_layers)
-    except (CheckpointError, LayerMapError):
+        return uniform_layer_map(read_config(teacher).num_hidden_layers, student_layers) if teacher else None
+    except (CheckpointError, LayerMapError):  # no local checkpoint
         return None
+
+
+def _shown(value) -> str:
+    return ", ".join(f"`{v}`" for v in value) if isinstance(value, list) else f"`{value}`"
 
 
 def _stage_lines(run: RunRecord, stage: str, student_layers: int) -> list[str]:
     recipe = run.recipe_for(stage)
+    starts = {"teacher": "teacher", "student": "initial student", "model": "initial model"}
+    lines = [f"{label}: {_md_link(recipe[key])}" for key, label in starts.items() if recipe.get(key)]
     terms = _stage_terms(run, stage)
-    lines = []
-    if recipe.get("teacher"):
-        lines.append(f"teacher: {_md_link(recipe['teacher'])}")
-    if recipe.get("student"):
-        lines.append(f"initial student: {_md_link(recipe['student'])}")
-    if recipe.get("model"):
-        lines.append(f"initial model: {_md_link(recipe['model'])}")
     if stage == "finetune":  # the loop logs fine-tuning's loss on the gold labels as its `prediction` term
         terms = {}
         lines.append("loss: cross-entropy on the gold labels (MSE for regression)")
-    for key in DATA_KEYS:
-        value = recipe.get(key)
-        if value:
-            shown = ", ".join(f"`{v}`" for v in value) if isinstance(value, list) else f"`{value}`"
-            lines.append(f"{'data' if key == 'corpus' else key.replace('_', ' ')}: {shown}")
-    for key, value in recipe.items():
-        if "augment" in key and value not in (None, False, ""):
-            lines.append(f"{key.replace('_', ' ')}: `{value}`")
-    if any(t in terms for t in LAYER_TERMS):
-        layer_map = recipe.get("layer_map")
+    lines += [f"{'data' if key == 'corpus' else key.replace('_', ' ')}: {_shown(recipe[key])}"
+              for key in DATA_KEYS if recipe.get(key)]
+    lines += [f"{key.replace('_', ' ')}: `{value}`" for key, value in recipe.items()
+              if "augment" in key and value not in (None, False, "")]
+    if any(t in terms for t in LAYER_TERMS) and recipe.get("layer_map") is not None:
+        layer_map = recipe["layer_map"]
         if layer_map == "uniform":
             layer_map = _uniform_map(recipe.get("teacher"), student_layers) or layer_map
-        if layer_map is not None:
-            shown = (f"`{layer_map}`" if isinstance(layer_map, list)
-                     else f"{layer_map} ({student_layers} student layers)")
-            lines.append(f"layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
+        shown = f"`{layer_map}`" if isinstance(layer_map, list) else f"{layer_map} ({student_layers} student layers)"
+        lines.append(f"layer map (student state j <- teacher state map[j], 0 = embeddings): {shown}")
     if terms:
         lines.append("loss terms (weight): " + ", ".join(f"{t} {_fmt(float(w))}" for t, w in terms.items()))
     if "attention" in terms and recipe.get("attention_mode"):
@@ -356,8 +317,8 @@ def _stage_lines(run: RunRecord, stage: str, student_layers: int) -> list[str]:
     if "prediction" in terms:
         lines.append(f"prediction loss: `{recipe.get('prediction', 'soft')}`, temperature "
                      f"{_fmt(recipe.get('temperature', 1.0))}, soft mode `{recipe.get('soft_mode', 'original')}`")
-    steps = max((r.get("step", 0) for r in run.records if r.get("stage") == stage and r.get("kind") == "train"),
-                default=None)
+    train = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "train"]
+    steps = max((r.get("step", 0) for r in train), default=None)
     optim = [f"{steps:,} steps" if steps else None,
              f"batch {recipe['batch_size']}" if "batch_size" in recipe else None,
              f"sequence length {recipe['max_seq_length']}" if "max_seq_length" in recipe else None,
@@ -368,31 +329,21 @@ def _stage_lines(run: RunRecord, stage: str, student_layers: int) -> list[str]:
              f"seed {recipe['seed']}" if "seed" in recipe else None]
     if any(optim):
         lines.append("optimisation: " + ", ".join(x for x in optim if x))
-    train = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "train"]
     if train and is_finite_number(train[-1].get("loss")):
         last = train[-1]
         parts = [f"{t} {_fmt(last[t])}" for t in terms if is_finite_number(last.get(t))]
         lines.append(f"last training loss: {_fmt(last['loss'])}" + (f" ({', '.join(parts)})" if parts else ""))
     evals = [r for r in run.records if r.get("stage") == stage and r.get("kind") == "eval"]
     if evals:
-        last = evals[-1]
-        values = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items()
+        values = ", ".join(f"{k} {_fmt(v)}" for k, v in evals[-1].items()
                            if is_finite_number(v) and k not in ("step", "epoch"))
-        lines.append(f"last held-out evaluation (step {last.get('step')}): {values}")
+        lines.append(f"last held-out evaluation (step {evals[-1].get('step')}): {values}")
     return lines
 
 
-def model_card(
-    model_dir: str | os.PathLike,
-    *,
-    run_dirs: list[str | os.PathLike] | None = None,
-    results=None,
-    bench=None,
-    license: str = "apache-2.0",
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    onnx: str | os.PathLike | None = None,
-) -> str:
+def model_card(model_dir: str | os.PathLike, *, run_dirs: list[str | os.PathLike] | None = None, results=None,
+               bench=None, license: str = "apache-2.0", repo_id: str | None = None, base_model: str | None = None,
+               onnx: str | os.PathLike | None = None) -> str:
     """README.md text for an exported student: Hub metadata (license, base_model = the teacher, tags, datasets,
     metrics, model-index) in YAML front matter, then lineage, evaluation, size and speed, and usage, laid out by
     CARD_TEMPLATE; this function gathers the facts.
@@ -408,7 +359,7 @@ def model_card(
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     config = model.config
-    runs = [read_run(d) for d in (run_dirs if run_dirs is not None else _default_run_dirs(model_dir))]
+    runs = [read_run(d) for d in run_dirs] if run_dirs is not None else _default_runs(model_dir)
     last = runs[-1].recipe if runs else {}
     teacher = last.get("teacher")  # of the run that produced this model
     origin = teacher or last.get("model")  # a fine-tuning run starts from a model, with no teacher
@@ -428,9 +379,7 @@ def model_card(
     export = onnx_dir(model_dir, onnx)
     card = ModelCard.from_template(
         _card_data(config, runs, found, name, license=license, base_model=base_model),
-        template_path=str(CARD_TEMPLATE), name=name, params=_millions(total), head=_head_text(config),
-        shape=f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, feed-forward "
-              f"{config.intermediate_size}, {config.num_attention_heads} attention heads",
+        template_path=str(CARD_TEMPLATE), name=name, params=_millions(total), config=config,
         teacher=teacher and _md_link(teacher), origin=origin and _md_link(origin),
         local_origin=origin if origin and not base_model else None,
         runs=runs, stages=[(STAGE_TITLES.get(s, s), _stage_lines(run, s, config.num_hidden_layers))
@@ -440,7 +389,7 @@ def model_card(
                  for r in found for k, x in r.metrics.items()],
         **_size_facts(bench, total, teacher),
         setting=", ".join(f"{k} {_fmt(x)}" for k, x in bench.get("setting", {}).items()),
-        repo=repo_id or str(model_dir), config=config,
+        repo=repo_id or str(model_dir),
         onnx=_onnx_section(export, repo_id) if export else None,
     )
     return str(card)
@@ -453,15 +402,12 @@ def _card_data(config, runs: list[RunRecord], found: list[Result], name: str, *,
 
     datasets = []
     for run in runs:
-        for name_ in (run.recipe.get("corpus") or []) + [run.recipe.get("dataset")]:
-            if _hub_id(name_) and name_ not in datasets:
-                datasets.append(name_)
-        if str(run.recipe.get("task", "")).lower() in GLUE_NAMES and "nyu-mll/glue" not in datasets:
-            datasets.append("nyu-mll/glue")
+        datasets += [d for d in (run.recipe.get("corpus") or []) + [run.recipe.get("dataset")] if _hub_id(d)]
+        datasets += ["nyu-mll/glue"] if str(run.recipe.get("task", "")).lower() in GLUE_NAMES else []
     for r in found:
         hub = r.dataset or ("nyu-mll/glue" if r.task.lower() in GLUE_NAMES else None)
-        if _hub_id(hub) and hub not in datasets:
-            datasets.append(hub)
+        datasets += [hub] if _hub_id(hub) else []
+    datasets = list(dict.fromkeys(datasets))
     metric_names = list(dict.fromkeys(METRIC_TYPES.get(m, m) for r in found for m in r.metrics))
     return ModelCardData(
         license=license, base_model=base_model, library_name="transformers",
@@ -472,30 +418,18 @@ def _card_data(config, runs: list[RunRecord], found: list[Result], name: str, *,
     )
 
 
-def _head_text(config) -> str:
-    if not config.num_labels:
-        return "no task head"
-    if config.is_regression:
-        return "a regression head"
-    names = ", ".join(str(v) for v in (config.id2label or {}).values()) or "unnamed"
-    return f"a classification head over {config.num_labels} labels ({names})"
-
-
 def _size_facts(bench: dict, total: int, teacher: str | None) -> dict:
     """The card's size-and-speed table: this model, and the model the bench compared it with (usually the teacher),
     else the teacher unmeasured; the speed-up line; how many times fewer parameters."""
-    teacher_params = _count_parameters(teacher) if teacher and Path(teacher).is_dir() else None
     m, v = bench.get("model") or {}, bench.get("vs") or {}
-    sizes = [["this model", _millions(total), *(_fmt(m.get(k) or "-") for k in ("p50", "p95", "throughput"))]]
+    figures = lambda side: [_fmt(side.get(k) or "-") for k in ("p50", "p95", "throughput")]  # noqa: E731
+    sizes = [["this model", _millions(total), *figures(m)]]
     reference, reference_params = None, None
-    if v:
-        reference = "the teacher" if v.get("name") in (None, teacher) else f"`{v['name']}`"
-        reference_params = v.get("params") or (teacher_params if v.get("name") in (None, teacher) else None)
-        sizes.append([reference, _millions(reference_params) if reference_params else "-",
-                      *(_fmt(v.get(k) or "-") for k in ("p50", "p95", "throughput"))])
-    elif teacher:
-        reference, reference_params = "the teacher", teacher_params
-        sizes.append([reference, _millions(teacher_params) if teacher_params else "-", "-", "-", "-"])
+    if v or teacher:  # without a measured reference, the teacher's row has only its size
+        is_teacher = v.get("name") in (None, teacher)
+        reference = "the teacher" if is_teacher else f"`{v['name']}`"
+        reference_params = v.get("params") or (_count_parameters(teacher) if is_teacher and teacher else None)
+        sizes.append([reference, _millions(reference_params) if reference_params else "-", *figures(v)])
     speedup = bench.get("speedup") or {}
     speedup = [f"**{speedup['latency']:.2f}x** lower p50 latency (batch 1)" if speedup.get("latency") else None,
                f"**{speedup['throughput']:.2f}x** higher throughput" if speedup.get("throughput") else None]
@@ -541,24 +475,21 @@ def _onnx_section(export: Path, repo_id: str | None) -> dict:
     files = [[f"`{SUBFOLDER}/{name}`", "int8 (dynamic quantisation)" if kind == "int8" else kind,
               f"{(export / name).stat().st_size / 2**20:.1f} MB" if (export / name).is_file() else "-"]
              for kind, name in facts["files"].items()]
-    result = facts["int8_eval"]
-    if INT8_FILE not in facts["files"].values():
-        int8 = None
-    elif result:
+    int8, result = None, facts["int8_eval"]
+    if INT8_FILE in facts["files"].values() and result:
         task = GLUE_NAMES.get(str(result["task"]).lower(), result["task"])
-        metric = METRIC_NAMES.get(result["metric"], result["metric"])
-        int8 = (f"{task} dev {metric.lower()} {result['int8']:.4f} against {result['fp32']:.4f} for fp32 "
+        metric = METRIC_NAMES.get(result["metric"], result["metric"]).lower()
+        int8 = (f"{task} dev {metric} {result['int8']:.4f} against {result['fp32']:.4f} for fp32 "
                 f"({result['examples']} rows; {result['agreement']:.1%} of predictions unchanged)")
-    else:
+    elif INT8_FILE in facts["files"].values():
         int8 = "not measured at export (no task dev set was named or found)"
-    speed, setting = [], ""
-    if facts["speed"]:
-        bench = facts["speed"]  # a rundir.Bench
-        rows = (("PyTorch fp32", bench.vs), ("ONNX Runtime fp32", bench.model), ("ONNX Runtime int8", bench.int8))
+    speed, setting, bench = [], "", facts["speed"]  # a rundir.Bench
+    if bench:
         ms = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         speed = [[label, ms(side.latency_ms_p50), ms(side.latency_ms_p95),
                   "-" if side.throughput_seq_per_s is None else f"{side.throughput_seq_per_s:.0f}"]
-                 for label, side in rows if side is not None]
+                 for label, side in (("PyTorch fp32", bench.vs), ("ONNX Runtime fp32", bench.model),
+                                     ("ONNX Runtime int8", bench.int8)) if side is not None]
         where = bench.machine or {}
         parts = [("CPU", where.get("cpu")), ("threads", bench.model.threads), ("sequence length", bench.model.seq_len),
                  ("throughput batch", bench.model.throughput_batch), ("onnxruntime", where.get("onnxruntime")),
@@ -583,22 +514,20 @@ def _scrub(text: str, token: str | None) -> str:
 def _transport_errors() -> tuple[type, ...]:
     """Connection-level errors of whichever HTTP client this huggingface_hub uses."""
     errors: list[type] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
         try:
-            errors.append(__import__(module).TransportError)
+            errors += [getattr(importlib.import_module(module), name) for name in names]
         except (ImportError, AttributeError):
             pass
-    try:
-        import requests
-
-        errors.append(requests.exceptions.ConnectionError)
-        errors.append(requests.exceptions.Timeout)
-    except ImportError:
-        pass
     return tuple(errors)
 
 
-def _check_model_dir(model_dir: Path) -> None:
+def _check_before_push(model_dir: Path, repo_id: str, token: str | None, endpoint: str, with_onnx) -> Path | None:
+    """Everything push checks locally before any request; returns the ONNX export to upload (or None)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not model_dir.is_dir():
         raise PushError(f"{model_dir} is not a directory; give the exported model directory (e.g. RUN/student)")
     try:
@@ -608,18 +537,23 @@ def _check_model_dir(model_dir: Path) -> None:
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
         raise PushError(f"{model_dir} has no tokenizer (tokenizer.json or vocab.txt); export the model with its "
                         f"tokenizer so that AutoTokenizer can load it")
-
-
-def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
         raise PushError(f"repo id {repo_id!r} is not OWNER/NAME (e.g. my-user/tinybert-sst2)")
     try:
         validate_repo_id(repo_id)
+        export = onnx_dir(model_dir, with_onnx)
     except HFValidationError:
         raise PushError(f"repo id {repo_id!r} is not valid: OWNER/NAME with letters, digits, '-', '_' and '.', "
                         f"no '--' or '..', at most 96 characters") from None
+    except ValueError as e:
+        raise PushError(str(e)) from None
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    if constants.is_offline_mode():
+        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
+    if not re.match(r"^https?://[^/\s]+", endpoint):
+        raise PushError(f"endpoint {endpoint!r} is not an http(s) URL")
+    return export
 
 
 def _operations(model_dir: Path, card: str, export: Path | None = None) -> list:
@@ -649,41 +583,10 @@ def _operations(model_dir: Path, card: str, export: Path | None = None) -> list:
     return operations
 
 
-def _check_before_push(model_dir: Path, repo_id: str, token: str | None, endpoint: str, with_onnx) -> Path | None:
-    """Everything push checks locally before any request; returns the ONNX export to upload (or None)."""
-    from huggingface_hub import constants
-
-    _check_model_dir(model_dir)
-    _check_repo_id(repo_id)
-    try:
-        export = onnx_dir(model_dir, with_onnx)
-    except ValueError as e:
-        raise PushError(str(e)) from None
-    if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
-    if constants.is_offline_mode():
-        raise PushError("HF_HUB_OFFLINE is set: unset it to push")
-    if not re.match(r"^https?://[^/\s]+", endpoint):
-        raise PushError(f"endpoint {endpoint!r} is not an http(s) URL")
-    return export
-
-
-def push(
-    model_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    endpoint: str | None = None,
-    run_dirs: list[str | os.PathLike] | None = None,
-    results=None,
-    bench=None,
-    license: str = "apache-2.0",
-    base_model: str | None = None,
-    with_onnx: str | os.PathLike | None = None,
-) -> str:
+def push(model_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None, endpoint: str | None = None,
+         run_dirs: list[str | os.PathLike] | None = None, results=None, bench=None, license: str = "apache-2.0",
+         base_model: str | None = None, with_onnx: str | os.PathLike | None = None) -> str:
     """Upload an exported student with its model card to `repo_id` (created if missing, on branch `revision`).
 
     Everything that can be checked locally is checked before any request: the model directory, the repo id,
@@ -702,16 +605,13 @@ def push(
         # Pasted in the wrong place: it would travel in URLs and land in logs and in the repository's name.
         raise PushError(f"the {'repo id' if token in repo_id else 'endpoint'} holds your Hugging Face token; give "
                         f"OWNER/NAME and a bare URL, the token goes in HF_TOKEN (and revoke it if it was shared)")
-    try:
-        export = _check_before_push(Path(model_dir), repo_id, token, endpoint, with_onnx)
-    except PushError as e:  # every message without the token, whatever it quotes (a path, a repo id, a URL)
-        raise PushError(_scrub(e, token)) from None
     model_dir = Path(model_dir)
     try:
+        export = _check_before_push(model_dir, repo_id, token, endpoint, with_onnx)
         card = model_card(model_dir, run_dirs=run_dirs, results=results, bench=bench, license=license,
                           repo_id=repo_id, base_model=base_model, onnx=export)
         operations = _operations(model_dir, card, export)
-    except PushError as e:
+    except PushError as e:  # every message without the token, whatever it quotes (a path, a repo id, a URL)
         raise PushError(_scrub(e, token)) from None
     except ValueError as e:
         raise PushError(f"cannot write the model card: {_scrub(e, token)}") from None
@@ -724,20 +624,17 @@ def push(
             step = f"create branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload the files"
-        info = api.create_commit(
-            repo_id=repo_id, operations=operations, revision=revision,
-            commit_message=commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert",
-        )
+        message = commit_message or f"Upload {'/'.join(model_dir.resolve().parts[-2:])} with tinybert"
+        info = api.create_commit(repo_id=repo_id, operations=operations, revision=revision, commit_message=message)
     except _transport_errors() as e:
         raise PushError(f"cannot reach {endpoint} to {step} ({type(e).__name__}: {_scrub(e, token)}); check the "
                         f"network and --endpoint") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
-        hint = {401: "the token was refused: check HF_TOKEN or run `hf auth login`",
-                403: f"the token may not write to {repo_id}: use a token with write access to that namespace",
-                404: f"{repo_id} or its revision was not found"}.get(status, "")
+        hint = {401: "the token was refused: check HF_TOKEN or run `hf auth login`; ",
+                403: f"the token may not write to {repo_id}: use a token with write access to that namespace; ",
+                404: f"{repo_id} or its revision was not found; "}.get(status, "")
         detail = _scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)
-        hint = hint + "; " if hint else ""
         raise PushError(f"{endpoint} refused to {step} (HTTP {status}): {hint}{detail}") from None
     except ValueError as e:  # huggingface_hub's own checks (bad revision, malformed server answers)
         raise PushError(f"push to {endpoint} failed to {step}: {_scrub(e, token)}") from None

@@ -7,6 +7,7 @@ touched (the Agg canvas writes the PNGs, with no display needed).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -32,13 +33,23 @@ def read_log(path: Path) -> list[dict]:
         raise ReportError(str(e)) from None
 
 
+def read_recipe(path: Path) -> dict | None:
+    """A run's recipe.yaml: None when it is missing or holds no mapping; ValueError, naming it, when it is no YAML."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return recipe if isinstance(recipe, dict) else None
+
+
 def _keys(records: list[dict], exclude=()) -> list[str]:
     """Numeric keys in order of first appearance, `loss` (the weighted sum) first."""
-    keys = []
-    for r in records:
-        for k, v in r.items():
-            if k not in NOT_PLOTTED and k not in exclude and k not in keys and is_finite_number(v):
-                keys.append(k)
+    keys = dict.fromkeys(k for r in records for k, v in r.items()
+                         if k not in NOT_PLOTTED and k not in exclude and is_finite_number(v))
     return sorted(keys, key=lambda k: k != "loss")
 
 
@@ -49,24 +60,26 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _ema(values: list[float], span: int) -> list[float]:
-    alpha, out, avg = 2 / (span + 1), [], None
-    for v in values:
-        avg = v if avg is None else alpha * v + (1 - alpha) * avg
-        out.append(avg)
-    return out
+    alpha = 2 / (span + 1)
+    return list(itertools.accumulate(values, lambda avg, v: alpha * v + (1 - alpha) * avg))
 
 
-def _grid(n: int, title: str):
+def _figure(path: Path, title: str, keys: list[str], draw):
+    """A PNG with one panel per key, two a row, each drawn by `draw(ax, key)`."""
     from matplotlib.figure import Figure
 
-    cols = 1 if n == 1 else 2
-    rows = math.ceil(n / cols)
+    cols = 1 if len(keys) == 1 else 2
+    rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(5.5 * cols, 3.4 * rows + 0.6), dpi=100, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n:]:
+    for ax in axes[len(keys):]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=13)
-    return fig, axes[:n]
+    for ax, key in zip(axes, keys):
+        draw(ax, key)
+        ax.set_xlabel("optimizer step")
+        ax.grid(True, alpha=0.3)
+    fig.savefig(path)
 
 
 def _log_scale_helps(values: list[float]) -> bool:
@@ -74,43 +87,33 @@ def _log_scale_helps(values: list[float]) -> bool:
     return len(positive) == len(values) and len(values) > 1 and max(positive) / min(positive) >= 10
 
 
-def _plot_losses(stage: str, train: list[dict], evals: list[dict], keys: list[str], path: Path, run: str):
-    fig, axes = _grid(len(keys), f"{run} - {stage}: loss terms")
-    for ax, key in zip(axes, keys):
-        steps, values = _series(train, key)
-        shown = list(values)
-        if len(values) > 20:  # noisy per-step values faint, their moving average on top
-            ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
-            ax.plot(steps, _ema(values, max(5, len(values) // 50)), color="tab:blue", linewidth=1.6,
-                    label="train (moving average)")
-        elif values:
-            ax.plot(steps, values, color="tab:blue", marker=".", linewidth=1.4, label="train")
-        e_steps, e_values = _series(evals, key)
-        if e_values:
-            ax.plot(e_steps, e_values, color="tab:orange", marker="o", linewidth=1.2, label="held-out")
-            shown += e_values
-        if _log_scale_helps(shown):
-            ax.set_yscale("log")
-        ax.set_title("loss (weighted sum of the terms)" if key == "loss" else f"{key} loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path)
+def _draw_loss(ax, key: str, train: list[dict], evals: list[dict]):
+    steps, values = _series(train, key)
+    shown = list(values)
+    if len(values) > 20:  # noisy per-step values faint, their moving average on top
+        ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+        ax.plot(steps, _ema(values, max(5, len(values) // 50)), color="tab:blue", linewidth=1.6,
+                label="train (moving average)")
+    elif values:
+        ax.plot(steps, values, color="tab:blue", marker=".", linewidth=1.4, label="train")
+    e_steps, e_values = _series(evals, key)
+    if e_values:
+        ax.plot(e_steps, e_values, color="tab:orange", marker="o", linewidth=1.2, label="held-out")
+        shown += e_values
+    if _log_scale_helps(shown):
+        ax.set_yscale("log")
+    ax.set_title("loss (weighted sum of the terms)" if key == "loss" else f"{key} loss")
+    ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.legend(fontsize=8)
 
 
-def _plot_lines(records: list[dict], keys: list[str], titles: dict, path: Path, title: str, marker: str | None):
-    fig, axes = _grid(len(keys), title)
-    for ax, key in zip(axes, keys):
-        steps, values = _series(records, key)
-        ax.plot(steps, values, color="tab:green", marker=marker, linewidth=1.4)
-        ax.set_title(titles.get(key, key))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(titles.get(key, key))
-        if key == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        ax.grid(True, alpha=0.3)
-    fig.savefig(path)
+def _draw_line(ax, key: str, records: list[dict], titles: dict, marker: str | None = None):
+    steps, values = _series(records, key)
+    ax.plot(steps, values, color="tab:green", marker=marker, linewidth=1.4)
+    ax.set_title(titles.get(key, key))
+    ax.set_ylabel(titles.get(key, key))
+    if key == "lr":
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
 
 def _table(records: list[dict], keys: list[str]) -> list[str]:
@@ -126,16 +129,11 @@ def _table(records: list[dict], keys: list[str]) -> list[str]:
 
 
 def _recipe_lines(run_dir: Path) -> list[str]:
-    path = RunDir(run_dir).recipe
-    if not path.is_file():
-        return []
-    import yaml
-
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        recipe = read_recipe(RunDir(run_dir).recipe)
+    except ValueError:
         return ["(recipe.yaml could not be read)", ""]
-    if not isinstance(recipe, dict):
+    if recipe is None:
         return []
     keys = ["recipe", "teacher", "student", "model", "corpus", "task", "augmented", "layer_map", "terms",
             "batch_size", "max_seq_length", "learning_rate", "max_steps", "epochs", "precision"]
@@ -173,9 +171,8 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     out.mkdir(parents=True, exist_ok=True)
     run = run_dir.resolve().name
 
-    stages = list(dict.fromkeys(r.get("stage", "run") for r in records))
     md = [f"# Training report: {run}", "", f"Run directory `{run_dir}`.", ""] + _recipe_lines(run_dir)
-    for stage in stages:
+    for stage in dict.fromkeys(r.get("stage", "run") for r in records):
         mine = [r for r in records if r.get("stage", "run") == stage]
         train = [r for r in mine if r.get("kind", "train") == "train"]
         evals = [r for r in mine if r.get("kind") == "eval"]
@@ -184,31 +181,25 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         eval_keys = _keys(evals)
         steps = [r["step"] for r in train if is_finite_number(r.get("step"))]
         epochs = [r["epoch"] for r in train if is_finite_number(r.get("epoch"))]
-        md += [f"## {stage}", ""]
-        md.append(f"{len(train)} training steps" + (f" (steps {min(steps)} to {max(steps)}" if steps else "")
-                  + (f", epochs {min(epochs)} to {max(epochs)})" if epochs else (")" if steps else ""))
-                  + f", {len(evals)} evaluations.")
-        md.append("")
-        figures = []
+        md += [f"## {stage}", "",
+               f"{len(train)} training steps" + (f" (steps {min(steps)} to {max(steps)}" if steps else "")
+               + (f", epochs {min(epochs)} to {max(epochs)})" if epochs else (")" if steps else ""))
+               + f", {len(evals)} evaluations.", ""]
+        figures = [("losses", "loss terms", loss_keys, lambda ax, key: _draw_loss(ax, key, train, evals)),
+                   ("schedule", "learning rate and schedule", schedule_keys,
+                    lambda ax, key: _draw_line(ax, key, train, SCHEDULE)),
+                   ("eval", "evaluation metrics", eval_keys, lambda ax, key: _draw_line(ax, key, evals, {}, "o"))]
+        for kind, title, keys, draw in figures:
+            if keys:
+                _figure(out / f"{stage}-{kind}.png", f"{run} - {stage}: {title}", keys, draw)
         if loss_keys:
-            name = f"{stage}-losses.png"
-            _plot_losses(stage, train, evals, loss_keys, out / name, run)
-            figures.append((name, f"{stage}: loss terms"))
             md += ["Training loss terms:", ""] + _table(train, loss_keys) + [""]
-        if schedule_keys:
-            name = f"{stage}-schedule.png"
-            _plot_lines(train, schedule_keys, SCHEDULE, out / name, f"{run} - {stage}: learning rate and schedule",
-                        None)
-            figures.append((name, f"{stage}: learning rate and schedule"))
         if eval_keys:
-            name = f"{stage}-eval.png"
-            _plot_lines(evals, eval_keys, {}, out / name, f"{run} - {stage}: evaluation metrics", "o")
-            figures.append((name, f"{stage}: evaluation metrics"))
             last = evals[-1]
             md += [f"Final evaluation (step {last.get('step')}):", "", "| metric | value |", "|---|---|"]
             md += [f"| {k} | {last[k]:.4g} |" for k in eval_keys if is_finite_number(last.get(k))] + [""]
             md += ["All evaluations:", ""] + _table(evals, eval_keys) + [""]
-        md += [f"![{title}]({name})" for name, title in figures] + [""]
+        md += [f"![{stage}: {title}]({stage}-{kind}.png)" for kind, title, keys, _ in figures if keys] + [""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
