@@ -161,12 +161,15 @@ def test_hub_id_downloads_only_what_a_model_needs_and_equals_the_local_folder(mi
     assert load_tokenizer("me/minilm").get_vocab() == load_tokenizer(minilm_dir).get_vocab()
 
 
-def test_revision_pins_a_commit(hub, env):
+def test_revision_pins_a_commit(hub, env, cache):
     latest = tinybert("info", "me/tiny", env=env)
     pinned = tinybert("info", "me/tiny", "--revision", hub.commits[2], env=env)
     assert latest.returncode == 0 and pinned.returncode == 0, latest.stderr + pinned.stderr
     assert "shape            3 layers" in latest.stdout
     assert "shape            2 layers" in pinned.stdout
+    # The Python API pins the same way (here from the cache the commands filled).
+    assert load_model("me/tiny", revision=hub.commits[2]).config.num_hidden_layers == 2
+    assert load_model("me/tiny").config.num_hidden_layers == 3
     line = one_line_error(tinybert("info", "me/tiny", "--revision", "v9", env=env))
     assert line == "error: me/tiny has no revision 'v9' on 127.0.0.1; give a branch, tag or commit of it to --revision"
 

@@ -160,9 +160,9 @@ def read_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
                               f"export it again)") from None
 
 
-def load_model(source: str | os.PathLike) -> Bert:
+def load_model(source: str | os.PathLike, revision: str | None = None) -> Bert:
     """A preset name (random weights), an HF BERT checkpoint directory or a hub id (weights loaded exactly)."""
-    source = resolve_model(source)
+    source = resolve_model(source, revision)
     if _is_preset(source):
         return Bert(BertConfig.preset(source))
     config = read_config(source)
@@ -226,13 +226,13 @@ def _names(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None):
+def load_tokenizer(directory: str | os.PathLike, *, vocab_size: int | None = None, revision: str | None = None):
     """`AutoTokenizer.from_pretrained(dir)` of a directory or hub id: in transformers 5.x
     `BertTokenizerFast(vocab_file=...)` silently builds a 5-token vocabulary, so never construct one from a vocab
     file directly."""
     from transformers import AutoTokenizer
 
-    directory = resolve_model(directory)
+    directory = resolve_model(directory, revision)
     if _is_preset(directory):
         raise CheckpointError(f"{directory} is a preset, which has no tokenizer; give a model directory or hub id")
     # A folder with vocab.txt alone (the original BERT and TinyBERT releases: no tokenizer_config.json, no
