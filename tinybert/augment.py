@@ -43,8 +43,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tinybert.data import (DataError, TaskSpec, _glue_columns, _glue_folder, _text_and_label_columns, file_sha256, get_task,
-                           load_task, read_records)
+from tinybert.data import (DataError, TaskSpec, file_sha256, get_task, glue_file, load_task, pad_rows, read_glue_tsv,
+                           read_records, read_text_and_labels)
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -433,10 +433,8 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
         spec = get_task(task)
         if data_dir is None:
             return _hub_table(spec, output)
-        path = _glue_folder(spec, Path(data_dir)) / "train.tsv"
-        if not path.is_file():
-            raise DataError(f"missing split file {path} (split 'train' of task {spec.name})")
-        table, _, labels = _glue_columns(path, spec, labelled=True)  # checks every row, names the line of a bad one
+        path = glue_file(spec, data_dir, "train")
+        table, _, labels = read_glue_tsv(path, spec, labelled=True)  # checks every row, names the line of a bad one
         if not labels:
             raise DataError(f"{path}: no rows")
         _kind(output, ("tsv",), f"{spec.name}'s augmented train set is written in GLUE's TSV layout, as its train.tsv")
@@ -448,7 +446,7 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
     if len(text_columns) not in (1, 2):
         raise AugmentError(f"--text-columns names one or two columns, got {list(text_columns)}")
     path = Path(train)
-    _text_and_label_columns(path, [*text_columns, label_column])  # checks every record: missing file, empty text...
+    read_text_and_labels(path, [*text_columns, label_column])  # checks every record: missing file, empty text...
     columns, records, _ = read_records(path)
     if label_column not in records[0]:
         raise DataError(f"{path}: no label column {label_column!r} (set --label-column); the augmented rows copy it")
