@@ -114,8 +114,9 @@ class MaskedLM:
     """A masked LM that `AutoModelForMaskedLM` loads (a directory or a hub id), with its own tokenizer, proposing
     whole-word candidates for masked positions in batched forwards."""
 
-    def __init__(self, source: str, device: torch.device, precision: str = "fp32", *, pair: bool = True,
-                 batch_tokens: int = 16384):
+    batch_tokens = 16384  # tokens per batched forward (rows x padded length)
+
+    def __init__(self, source: str, device: torch.device, precision: str = "fp32", *, pair: bool = True):
         import transformers
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -140,7 +141,7 @@ class MaskedLM:
                 f"or draw every candidate from word vectors (--candidates-from vectors --word-vectors FILE)")
         if not self.tokenizer.is_fast or self.tokenizer.mask_token_id is None:
             raise AugmentError(f"{source}: augmentation needs a fast tokenizer with a mask token")
-        self.source, self.device, self.precision, self.batch_tokens = source, device, precision, batch_tokens
+        self.device, self.precision = device, precision
         self.pair = pair  # the MLM reads [CLS] masked [SEP] original [SEP] (the original's input), else [CLS] masked
         self.model = model.to(device).eval()
         self.max_length = min(self.tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -209,23 +210,14 @@ class MaskedLM:
         """Top-k allowed words at each query's mask, batched by length (longest first, at most batch_tokens)."""
         order = sorted(range(len(queries)), key=lambda i: -len(queries[i][2]))
         results: list[list[str]] = [[] for _ in queries]
-        pad = self.tokenizer.pad_token_id or 0
         allowed = self.allowed.to(self.device)
         start = 0
         while start < len(order):
-            T = len(queries[order[start]][2])
-            B = max(1, self.batch_tokens // T)
-            chunk = order[start : start + B]
+            chunk = order[start : start + max(1, self.batch_tokens // len(queries[order[start]][2]))]
             start += len(chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.long)  # B, T
-            types = torch.zeros((len(chunk), T), dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                n = len(queries[i][2])
-                ids[row, :n] = torch.tensor(queries[i][2])
-                types[row, :n] = torch.tensor(queries[i][3])
-                mask[row, :n] = 1
-            at = torch.tensor([queries[i][4] for i in chunk])
+            _, _, ids, types, at = zip(*(queries[i] for i in chunk))
+            mask = pad_rows([[1] * len(row) for row in ids])  # B, T
+            ids, types, at = pad_rows(ids, self.tokenizer.pad_token_id or 0), pad_rows(types), torch.tensor(at)
             logits = self._logits(ids.to(self.device), types.to(self.device), mask.to(self.device), at)  # B, V
             logits = logits.float().masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
             top = logits.topk(min(k, int(allowed.sum())), dim=-1).indices.tolist()
@@ -315,20 +307,18 @@ Slot = tuple[int, int, list[str]]  # start, end of a word in its text; its candi
 class Augmenter:
     """Candidates for every eligible word of many texts at once, and the variants of one text."""
 
-    def __init__(self, settings: AugmentSettings, mlm: MaskedLM | None, vectors: WordVectors | None,
-                 pre_tokenizer=None):
+    def __init__(self, settings: AugmentSettings, mlm: MaskedLM | None, vectors: WordVectors | None):
         if settings.candidates_from in ("both", "mlm") and mlm is None:
             raise AugmentError(f"--candidates-from {settings.candidates_from} needs --mlm MODEL")
         if settings.candidates_from == "vectors" and vectors is None:
             raise AugmentError("--candidates-from vectors needs --word-vectors FILE (GloVe text format)")
         self.settings, self.mlm, self.vectors = settings, mlm, vectors
-        if pre_tokenizer is None and mlm is not None:
-            pre_tokenizer = mlm.pre_tokenizer
-        if pre_tokenizer is None:  # vectors only: BERT's split (whitespace, then punctuation)
+        if mlm is None:  # vectors only: BERT's split (whitespace, then punctuation)
             from tokenizers.pre_tokenizers import BertPreTokenizer
 
-            pre_tokenizer = BertPreTokenizer()
-        self.pre_tokenizer = pre_tokenizer
+            self.pre_tokenizer = BertPreTokenizer()
+        else:
+            self.pre_tokenizer = mlm.pre_tokenizer
 
     def split(self, text: str) -> list[tuple[str, int, int]]:
         """Words with their character spans in `text` (the tokenizer's own word split: whitespace and punctuation
@@ -508,34 +498,33 @@ def augment(table: Table, augmenter: Augmenter, output: str | os.PathLike, *, fi
     work = output.with_name(output.name + ".partial")
     rank, world = _distributed()
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    shards = range((len(table.rows) + SHARD_ROWS - 1) // SHARD_ROWS)
+    shards = [range(start, min(start + SHARD_ROWS, len(table.rows))) for start in range(0, len(table.rows), SHARD_ROWS)]
+    parts = [work / f"shard-{i:05d}.part" for i in range(len(shards))]
     if rank == 0:
         _prepare(work, output, digest, fingerprint, overwrite, echo)
     _barrier(world)
-    done = [i for i in shards if (work / f"shard-{i:05d}.part").is_file()]
+    done = [i for i, part in enumerate(parts) if part.is_file()]
     if rank == 0 and done:
         echo(f"resuming: {len(done)} of {len(shards)} shards were done by an earlier run with these settings")
-    mine = [i for i in shards if i % world == rank and i not in done]
-    todo = sum(len(range(i * SHARD_ROWS, min((i + 1) * SHARD_ROWS, len(table.rows)))) for i in mine)
-    bar = tqdm(total=todo * len(table.text_fields), unit="sent", desc="augmenting", disable=not progress,
-               dynamic_ncols=True)
+    mine = [i for i in range(len(shards)) if i % world == rank and i not in done]
+    bar = tqdm(total=sum(len(shards[i]) for i in mine) * len(table.text_fields), unit="sent", desc="augmenting",
+               disable=not progress, dynamic_ncols=True)
     for i in mine:
-        rows = range(i * SHARD_ROWS, min((i + 1) * SHARD_ROWS, len(table.rows)))
-        _write_atomic(work / f"shard-{i:05d}.part", augment_table(table, augmenter, rows))
-        bar.update(len(rows) * len(table.text_fields))
+        _write_atomic(parts[i], augment_table(table, augmenter, shards[i]))
+        bar.update(len(shards[i]) * len(table.text_fields))
     bar.close()
     _barrier(world)
     if rank != 0:
         return output
-    missing = [i for i in shards if not (work / f"shard-{i:05d}.part").is_file()]
+    missing = [i for i, part in enumerate(parts) if not part.is_file()]
     if missing:
         raise AugmentError(f"shards {missing[:5]} of {work} are missing after every rank finished; re-run the "
                            f"same command to make them")
     tmp = output.with_name(f".{output.name}.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(table.format_header())
-        for i in shards:
-            f.write((work / f"shard-{i:05d}.part").read_text(encoding="utf-8"))
+        for part in parts:  # one shard in memory at a time
+            f.write(part.read_text(encoding="utf-8"))
     os.replace(tmp, output)
     shutil.rmtree(work)
     return output
@@ -586,8 +575,8 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
 
     from tinybert.train import decide_precision, default_device
 
-    output = Path(output)
-    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher only rank 0 speaks
+    output, rank0 = Path(output), int(os.environ.get("RANK", "0")) == 0
+    if not rank0:  # under a launcher only rank 0 speaks
         echo, progress = (lambda *_: None), False
     if settings is None:
         settings = AugmentSettings(copies=DEFAULT_COPIES.get((task or "").lower(), 20))
@@ -603,9 +592,7 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     masked_lm = (MaskedLM(mlm, device, precision, pair=settings.mlm_input == "pair")
                  if mlm is not None and settings.candidates_from != "vectors" else None)
     vectors = WordVectors.load(word_vectors, settings.vectors_limit) if word_vectors else None
-    if settings.candidates_from == "vectors" and vectors is None:
-        raise AugmentError("--candidates-from vectors needs --word-vectors FILE (GloVe text format)")
-    augmenter = Augmenter(settings, masked_lm, vectors)
+    augmenter = Augmenter(settings, masked_lm, vectors)  # checks that the sources the settings want are there
     loaded = time.perf_counter() - started
     fingerprint = {
         "format": _FORMAT, "source": table.source, "data": table.digest, "text_fields": table.text_fields,
@@ -626,9 +613,9 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     stats = {"output": str(path), "source_rows": len(table.rows), "load_s": round(loaded, 2),
              "augment_s": round(seconds, 2),
              "sentences_per_s": round(len(table.rows) * len(table.text_fields) / max(seconds, 1e-9), 1)}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         with open(path, encoding="utf-8") as f:
-            stats["output_rows"] = sum(1 for _ in f) - (1 if table.header and table.kind != "jsonl" else 0)
+            stats["output_rows"] = sum(1 for _ in f) - (1 if table.format_header() else 0)
         echo(f"wrote {path}: {stats['output_rows']} rows from {len(table.rows)} "
              f"({stats['output_rows'] / len(table.rows):.1f}x) in {seconds:.1f} s, "
              f"{stats['sentences_per_s']:.0f} sentences/s")
