@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -156,15 +157,12 @@ class MaskedLM:
         """Per token id: its text, and whether it may be a candidate (a whole word of letters that the tokenizer
         gives back, alone, for that text; no specials, no word pieces)."""
         tok = self.tokenizer
-        vocab_size = len(tok)
-        texts = [tok.convert_tokens_to_string([t]).strip() for t in tok.convert_ids_to_tokens(list(range(vocab_size)))]
+        texts = [tok.convert_tokens_to_string([t]).strip() for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
         special = set(tok.all_special_ids)
-        ok = [i not in special and is_word(t) for i, t in enumerate(texts)]
-        ids = [i for i in range(vocab_size) if ok[i]]
+        ids = [i for i, t in enumerate(texts) if i not in special and is_word(t)]
         encoded = tok([texts[i] for i in ids], add_special_tokens=False)["input_ids"]
-        allowed = torch.zeros(vocab_size, dtype=torch.bool)
-        for i, pieces in zip(ids, encoded):
-            allowed[i] = pieces == [i]
+        allowed = torch.zeros(len(tok), dtype=torch.bool)
+        allowed[torch.tensor([i for i, pieces in zip(ids, encoded) if pieces == [i]], dtype=torch.long)] = True
         return texts, allowed
 
     def digest(self) -> str:
@@ -255,10 +253,8 @@ class WordVectors:
             raise AugmentError(f"word-vectors file {path} does not exist (give a GloVe text file, e.g. "
                                f"glove.6B.300d.txt)")
         words, rows, dim = [], [], None
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for n, line in enumerate(f, start=1):
-                if n > limit:
-                    break
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(itertools.islice(f, limit), start=1):
                 parts = line.rstrip("\n").rstrip().split(" ")
                 try:
                     values = np.asarray(parts[1:], dtype=np.float32)
@@ -353,7 +349,7 @@ class Augmenter:
 
     def variants(self, text: str, slots: list[Slot], rng: random.Random) -> list[str]:
         """Up to N distinct variants of `text`, none equal to it: each slot replaced with probability p."""
-        seen, out = {text}, []
+        out: dict[str, None] = {}  # an ordered set: the first of equal variants keeps its place
         slots = [slot for slot in slots if slot[2]]
         for _ in range(self.settings.copies):
             pieces, last = [], 0
@@ -362,11 +358,9 @@ class Augmenter:
                 if rng.random() < self.settings.mask_prob:
                     pieces += [text[last:start], _match_case(choice, text[start:end])]
                     last = end
-            variant = "".join(pieces) + text[last:]
-            if variant not in seen:
-                seen.add(variant)
-                out.append(variant)
-        return out
+            out["".join(pieces) + text[last:]] = None
+        out.pop(text, None)
+        return list(out)
 
 
 def _match_case(candidate: str, word: str) -> str:
@@ -537,8 +531,7 @@ def _prepare(work: Path, output: Path, digest: str, fingerprint: dict, overwrite
     if output.exists() and not overwrite:
         raise AugmentError(f"{output} already exists; pass --overwrite to replace it, or choose another --output "
                            f"(nothing was written)")
-    if not output.parent.is_dir():
-        output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     stamp = work / "settings.json"
     if work.exists():
         if not stamp.is_file():
@@ -549,8 +542,8 @@ def _prepare(work: Path, output: Path, digest: str, fingerprint: dict, overwrite
             old = {}
         if old.get("digest") == digest:
             return
-        changed = sorted(k for k in set(old.get("fingerprint", {})) | set(fingerprint)
-                         if old.get("fingerprint", {}).get(k) != fingerprint.get(k))
+        before = old.get("fingerprint", {})
+        changed = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
         echo(f"{work} holds shards of a run with other settings ({', '.join(changed) or 'unknown'} differ): "
              f"starting afresh")
         shutil.rmtree(work)
@@ -610,9 +603,9 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     path = augment(table, augmenter, output, fingerprint=fingerprint, overwrite=overwrite, echo=echo,
                    progress=progress)
     seconds = time.perf_counter() - started
+    sentences = len(table.rows) * len(table.text_fields)
     stats = {"output": str(path), "source_rows": len(table.rows), "load_s": round(loaded, 2),
-             "augment_s": round(seconds, 2),
-             "sentences_per_s": round(len(table.rows) * len(table.text_fields) / max(seconds, 1e-9), 1)}
+             "augment_s": round(seconds, 2), "sentences_per_s": round(sentences / max(seconds, 1e-9), 1)}
     if rank0:
         with open(path, encoding="utf-8") as f:
             stats["output_rows"] = sum(1 for _ in f) - (1 if table.format_header() else 0)

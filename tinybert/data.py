@@ -118,10 +118,9 @@ def load_task(
     test_mismatched); all by default, where missing test files are skipped (every split asked for by name must exist).
     """
     task = get_task(name)
-    if splits is not None:
-        unknown = [s for s in splits if s not in task.splits]
-        if unknown:
-            raise DataError(f"task {task.name} has no split(s) {unknown}; its splits are {list(task.splits)}")
+    unknown = [s for s in splits or () if s not in task.splits]
+    if unknown:
+        raise DataError(f"task {task.name} has no split(s) {unknown}; its splits are {list(task.splits)}")
     if data_dir is None:
         return _load_glue_hub(task, splits)
 
@@ -231,18 +230,12 @@ def _class_ids(task: TaskSpec) -> dict[str, int]:
 def _labels(raw: list, where: Callable[[int], str], task: TaskSpec, ids: dict[str, int],
             known: str | None = None) -> list:
     """Raw labels -> class ids (ids: label as written -> id) or finite scores (regression); where(i) names row i."""
-    if task.is_regression:
-        return [_parse_float(v, where(i)) for i, v in enumerate(raw)]
     for i, v in enumerate(raw):
-        if str(v) not in ids:
+        if task.is_regression and not _parses_as_number(v):
+            raise DataError(f"{where(i)}: label {v!r} is not a finite number")
+        if not task.is_regression and str(v) not in ids:
             raise DataError(f"{where(i)}: label {v!r} is not one of {known or ', '.join(ids)}")
-    return [ids[str(v)] for v in raw]
-
-
-def _parse_float(raw, where: str) -> float:
-    if not _parses_as_number(raw):
-        raise DataError(f"{where}: label {raw!r} is not a finite number")
-    return float(raw)
+    return [float(v) for v in raw] if task.is_regression else [ids[str(v)] for v in raw]
 
 
 def _features(task: TaskSpec) -> datasets.Features:
@@ -405,20 +398,17 @@ def _json_records(path: Path) -> list[tuple[str, dict]]:
     """(where, record) per object of a JSON array ('FILE record N') or of JSON Lines ('FILE line N')."""
     text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):  # one JSON array of objects
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from e
-        return [_json_object(f"{path} record {i + 1}", item) for i, item in enumerate(items)]
-    located = []
-    for n, line in enumerate(text.split("\n"), start=1):  # JSON Lines (not splitlines: JSON strings may hold U+2028)
-        if line.strip():
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: invalid JSON: {e.msg}") from e
-            located.append(_json_object(f"{path} line {n}", item))
-    return located
+        return [_json_object(f"{path} record {i + 1}", item) for i, item in enumerate(_loads(text, path))]
+    lines = enumerate(text.split("\n"), start=1)  # JSON Lines (not splitlines: JSON strings may hold U+2028)
+    return [_json_object(f"{path} line {n}", _loads(line, path, n)) for n, line in lines if line.strip()]
+
+
+def _loads(text: str, path: Path, line: int = 1):
+    """json.loads of text that starts at `line` of the file; a DataError names the line of a syntax error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {line + e.lineno - 1}: invalid JSON: {e.msg}") from e
 
 
 def _json_object(where: str, item) -> tuple[str, dict]:
