@@ -188,16 +188,11 @@ class MaskedLM:
             if not wanted:
                 continue
             ids, types = enc["input_ids"][t], enc["token_type_ids"][t]
-            word_ids, seq_ids = enc.word_ids(t), enc.sequence_ids(t)
-            pieces: dict[int, list[int]] = {}
-            for pos, (w, s) in enumerate(zip(word_ids, seq_ids)):
-                if w is not None and s == 0:
-                    pieces.setdefault(w, []).append(pos)
             for k, w in enumerate(wanted):
-                at = pieces.get(w, [])
-                if not at or (len(at) > 1 and not whole_word):
+                at = enc.word_to_tokens(t, w, sequence_index=0)  # the word's pieces in the masked sentence
+                if at is None or (at.end - at.start > 1 and not whole_word):
                     continue  # cut by truncation, or a multi-piece word for the vectors
-                first, drop = at[0], set(at[1:])
+                first, drop = at.start, set(range(at.start + 1, at.end))
                 q_ids = [tok.mask_token_id if p == first else i for p, i in enumerate(ids) if p not in drop]
                 q_types = [x for p, x in enumerate(types) if p not in drop]
                 out.append((t, k, q_ids, q_types, first))
@@ -460,11 +455,6 @@ def _distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
-def _barrier(world: int):
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def augment_table(table: Table, augmenter: Augmenter, rows: range) -> str:
     """The output lines for `rows` of the table: each source row, then its variants, field by field."""
     seed, fields = augmenter.settings.seed, table.text_fields
@@ -488,6 +478,8 @@ def augment(table: Table, augmenter: Augmenter, output: str | os.PathLike, *, fi
     Under a launcher each rank takes every world-th shard and rank 0 writes the output."""
     from tqdm.auto import tqdm
 
+    from tinybert.train import barrier
+
     output = Path(output)
     work = output.with_name(output.name + ".partial")
     rank, world = _distributed()
@@ -496,7 +488,7 @@ def augment(table: Table, augmenter: Augmenter, output: str | os.PathLike, *, fi
     parts = [work / f"shard-{i:05d}.part" for i in range(len(shards))]
     if rank == 0:
         _prepare(work, output, digest, fingerprint, overwrite, echo)
-    _barrier(world)
+    barrier()
     done = [i for i, part in enumerate(parts) if part.is_file()]
     if rank == 0 and done:
         echo(f"resuming: {len(done)} of {len(shards)} shards were done by an earlier run with these settings")
@@ -507,7 +499,7 @@ def augment(table: Table, augmenter: Augmenter, output: str | os.PathLike, *, fi
         _write_atomic(parts[i], augment_table(table, augmenter, shards[i]))
         bar.update(len(shards[i]) * len(table.text_fields))
     bar.close()
-    _barrier(world)
+    barrier()
     if rank != 0:
         return output
     missing = [i for i, part in enumerate(parts) if not part.is_file()]

@@ -43,8 +43,7 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # one or more blank (or whitespace-on
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?$")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Documents
+# -------------------------------------------------------------------------------------------------------- documents
 
 
 def read_documents(paths: list[str], *, cache_dir: str | None = None) -> datasets.Dataset:
@@ -143,8 +142,7 @@ def _paragraphs(text: str) -> list[str]:
     return [p for p in paragraphs if p]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Packed corpus
+# ---------------------------------------------------------------------------------------------------- packed corpus
 
 
 def build_corpus(paths: list[str], tokenizer, *, max_seq_length: int = 128, heldout_fraction: float | int = 0.01,
@@ -265,8 +263,7 @@ def _pieces(ids: list[int], span: int) -> list[list[int]]:
     return [ids[s:e] for s, e in zip(starts, ends) if e - s >= 2]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batches and statistics
+# ------------------------------------------------------------------------------------------- batches and statistics
 
 
 def collate_packed(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -103,8 +103,7 @@ def get_task(name: str) -> TaskSpec:
     return task
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
+# -------------------------------------------------------------------------------------------------------------- loading
 
 
 def load_task(
@@ -173,13 +172,12 @@ def _read_csv(path: Path, delimiter: str, quoting: int, names: list[str] | None 
         if not header:
             raise DataError(f"{path} line 1: expected a header line")
         lines = []
-        for row in reader:
-            if row and len(row) != len(header):
+        for row in filter(None, reader):  # blank lines are no records
+            if len(row) != len(header):
                 sep = "tab" if delimiter == "\t" else "comma"
                 raise DataError(f"{path} line {reader.line_num}: expected {len(header)} {sep}-separated columns, "
                                 f"got {len(row)}")
-            if row:  # a quoted field may span lines: a record is named by its last line
-                lines.append(reader.line_num)
+            lines.append(reader.line_num)  # a quoted field may span lines: a record is named by its last line
     features = datasets.Features({c: datasets.Value("string") for c in header})
     if not lines:  # the loader refuses a split with no rows
         return datasets.Dataset.from_dict({c: [] for c in header}, features=features), lines
@@ -427,8 +425,7 @@ def _parses_as_number(value) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Tokenisation, padding, batching
+# -------------------------------------------------------------------------------------- tokenisation, padding, batching
 
 
 def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, max_seq_length: int) -> datasets.DatasetDict:
@@ -481,12 +478,9 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int = 0) -> torch.Tensor:
 def length_grouped_batches(
     lengths: Sequence[int], batch_size: int, generator: torch.Generator, mega: int = 50
 ) -> list[list[int]]:
-    """Shuffled batches of similar-length rows, so dynamic padding pads little.
-
-    Shuffle all indices, sort each mega-batch of mega*batch_size by length (longest first), cut it into batches,
-    then shuffle the order of the batches. Every index appears exactly once (the last batch of a mega-batch may be
-    short). Only `generator` draws random numbers: the same generator state gives the same batches (resume relies
-    on it).
+    """Shuffled batches of similar-length rows, so dynamic padding pads little: each shuffled mega-batch of
+    mega*batch_size rows sorted by length and cut into batches, the batches shuffled. Every index appears exactly once.
+    Only `generator` draws random numbers: the same generator state gives the same batches (resume relies on it).
     """
     if batch_size < 1 or mega < 1:
         raise ValueError(f"batch_size and mega must be >= 1, got {batch_size} and {mega}")
@@ -500,8 +494,7 @@ def length_grouped_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# GLUE submission files
+# ------------------------------------------------------------------------------------------------ GLUE submission files
 
 
 def write_submission(
