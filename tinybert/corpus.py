@@ -185,19 +185,14 @@ def build_corpus(paths: list[str], tokenizer, *, max_seq_length: int = 128, held
 
 
 def _tokenize_documents(batch, indices, tokenizer):
-    paragraphs, owner = [], []
-    for i, text in enumerate(batch["text"]):
-        for paragraph in _paragraphs(text):
-            paragraphs.append(paragraph)
-            owner.append(i)
+    per_doc = [_paragraphs(text) for text in batch["text"]]
+    paragraphs = [p for doc in per_doc for p in doc]
     # verbose=False: a long paragraph is not an error here, packing cuts it to max_seq_length.
-    encoded = tokenizer(paragraphs, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False, verbose=False)["input_ids"] if paragraphs else []
-    streams, lengths = [[] for _ in indices], [[] for _ in indices]
-    for i, ids in zip(owner, encoded):
-        streams[i].extend(ids)
-        lengths[i].append(len(ids))
-    return {"source": batch["source"], "doc": indices, "input_ids": streams, "paragraph_lengths": lengths}
+    encoded = iter(tokenizer(paragraphs, add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False, verbose=False)["input_ids"] if paragraphs else [])
+    docs = [[next(encoded) for _ in doc] for doc in per_doc]  # per document, its paragraphs' token ids
+    return {"source": batch["source"], "doc": indices, "input_ids": [[t for ids in doc for t in ids] for doc in docs],
+            "paragraph_lengths": [[len(ids) for ids in doc] for doc in docs]}
 
 
 def _hold_out(streams: datasets.Dataset, heldout_fraction, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -207,10 +202,8 @@ def _hold_out(streams: datasets.Dataset, heldout_fraction, seed: int) -> tuple[d
         n_paragraphs = len(streams.select_columns(["paragraph_lengths"])[0]["paragraph_lengths"])
         k = _heldout_count(heldout_fraction, n_paragraphs, "paragraphs of the single document")
         cut = n_paragraphs - k
-        return (
-            streams.map(_keep_paragraphs, fn_kwargs={"start": 0, "stop": cut}, features=STREAM_FEATURES),
-            streams.map(_keep_paragraphs, fn_kwargs={"start": cut, "stop": n_paragraphs}, features=STREAM_FEATURES),
-        )
+        train, heldout = ({"start": 0, "stop": cut}, {"start": cut, "stop": n_paragraphs})
+        return tuple(streams.map(_keep_paragraphs, fn_kwargs=kw, features=STREAM_FEATURES) for kw in (train, heldout))
     k = _heldout_count(heldout_fraction, len(streams), "documents")
     order = np.random.default_rng(seed).permutation(len(streams))
     return streams.select(sorted(order[k:].tolist())), streams.select(sorted(order[:k].tolist()))

@@ -106,9 +106,8 @@ def get_task(name: str) -> TaskSpec:
 # -------------------------------------------------------------------------------------------------------------- loading
 
 
-def load_task(
-    name: str, data_dir: str | os.PathLike | None = None, splits: Sequence[str] | None = None
-) -> datasets.DatasetDict:
+def load_task(name: str, data_dir: str | os.PathLike | None = None,
+              splits: Sequence[str] | None = None) -> datasets.DatasetDict:
     """One GLUE task as a DatasetDict with columns text_a, [text_b,] label, idx.
 
     label: class id (ClassLabel, HF order) or float32 score (stsb); -1 on unlabeled test rows. idx: row number.
@@ -265,27 +264,20 @@ def _load_glue_hub(task: TaskSpec, splits: Sequence[str] | None) -> datasets.Dat
     try:
         loaded = datasets.load_dataset("nyu-mll/glue", task.name)
     except Exception as e:  # no network, hub down, offline mode: all end the same way for the user
-        raise DataError(
-            f"could not load nyu-mll/glue/{task.name} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            f"without network access, download GLUE (download_glue_data.py) and pass --data-dir "
-            f"(the folder holding {task.glue_dir}/)"
-        ) from e
-    rename = dict(zip(task.text_columns, ("text_a", "text_b")))
+        raise DataError(f"could not load nyu-mll/glue/{task.name} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                        f"without network access, download GLUE (download_glue_data.py) and pass --data-dir "
+                        f"(the folder holding {task.glue_dir}/)") from e
+    rename, features = dict(zip(task.text_columns, ("text_a", "text_b"))), _features(task)
     out = {}
     for split in splits or [s for s in task.splits if s in loaded]:
         if split not in loaded:
             raise DataError(f"nyu-mll/glue/{task.name} has no split {split!r}; it has {list(loaded)}")
-        ds = loaded[split].rename_columns(rename)
-        out[split] = ds.select_columns(list(_features(task))).cast(_features(task))
+        out[split] = loaded[split].rename_columns(rename).select_columns(list(features)).cast(features)
     return datasets.DatasetDict(out)
 
 
-def load_custom(
-    files: Mapping[str, str | os.PathLike],
-    text_columns: Sequence[str],
-    label_column: str,
-    regression: bool | None = None,
-) -> tuple[datasets.DatasetDict, TaskSpec]:
+def load_custom(files: Mapping[str, str | os.PathLike], text_columns: Sequence[str], label_column: str,
+                regression: bool | None = None) -> tuple[datasets.DatasetDict, TaskSpec]:
     """Your own task from CSV, TSV, JSON (an array of objects, or one object per line) or JSONL files, by extension.
 
     files: split -> path; 'train' is required (it defines the label set). Returns the same columns as load_task
@@ -327,9 +319,8 @@ def load_custom(
     return datasets.DatasetDict(out), task
 
 
-def load_split_file(
-    path: str | os.PathLike, task: TaskSpec, split: str = "train", label_column: str = "label"
-) -> datasets.Dataset:
+def load_split_file(path: str | os.PathLike, task: TaskSpec, split: str = "train",
+                    label_column: str = "label") -> datasets.Dataset:
     """One labelled split of `task` from a file, e.g. an augmented train set; the same columns as load_task's.
 
     A .tsv for a GLUE task is read in the task's GLUE layout (as GLUE's train.tsv, and TinyBERT's
@@ -475,9 +466,8 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int = 0) -> torch.Tensor:
     return out
 
 
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, generator: torch.Generator, mega: int = 50
-) -> list[list[int]]:
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                           mega: int = 50) -> list[list[int]]:
     """Shuffled batches of similar-length rows, so dynamic padding pads little: each shuffled mega-batch of
     mega*batch_size rows sorted by length and cut into batches, the batches shuffled. Every index appears exactly once.
     Only `generator` draws random numbers: the same generator state gives the same batches (resume relies on it).
@@ -497,9 +487,8 @@ def length_grouped_batches(
 # ------------------------------------------------------------------------------------------------ GLUE submission files
 
 
-def write_submission(
-    task: str | TaskSpec, predictions: Sequence, path: str | os.PathLike, indices: Sequence[int] | None = None
-) -> Path:
+def write_submission(task: str | TaskSpec, predictions: Sequence, path: str | os.PathLike,
+                     indices: Sequence[int] | None = None) -> Path:
     """Write one GLUE server prediction file: a header `index<TAB>prediction`, then one row per test example.
 
     predictions: class ids (or scores for stsb) in test-file order; indices: the rows' idx (default 0, 1, ...).
