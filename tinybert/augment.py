@@ -43,6 +43,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tokenizers.pre_tokenizers import BertPreTokenizer
 
 from tinybert.data import (DataError, TaskSpec, file_sha256, get_task, glue_file, load_task, pad_rows, read_glue_tsv,
                            read_records, read_text_and_labels)
@@ -76,10 +77,6 @@ class AugmentError(ValueError):
 def is_word(text: str) -> bool:
     """Letters a-z only (any case): the words the original replaces, and the candidates we allow."""
     return bool(_WORD.fullmatch(text.lower()))
-
-
-def eligible(word: str) -> bool:
-    return is_word(word) and word.lower() not in STOP_WORDS
 
 
 @dataclass(frozen=True)
@@ -304,12 +301,8 @@ class Augmenter:
         if settings.candidates_from == "vectors" and vectors is None:
             raise AugmentError("--candidates-from vectors needs --word-vectors FILE (GloVe text format)")
         self.settings, self.mlm, self.vectors = settings, mlm, vectors
-        if mlm is None:  # vectors only: BERT's split (whitespace, then punctuation)
-            from tokenizers.pre_tokenizers import BertPreTokenizer
-
-            self.pre_tokenizer = BertPreTokenizer()
-        else:
-            self.pre_tokenizer = mlm.pre_tokenizer
+        # vectors only: BERT's split (whitespace, then punctuation)
+        self.pre_tokenizer = mlm.pre_tokenizer if mlm is not None else BertPreTokenizer()
 
     def split(self, text: str) -> list[tuple[str, int, int]]:
         """Words with their character spans in `text` (the tokenizer's own word split: whitespace and punctuation
@@ -328,7 +321,7 @@ class Augmenter:
         s, K = self.settings, self.settings.candidates
         split = [self.split(t) for t in texts]
         words = [[w for w, _, _ in ws] for ws in split]
-        wanted = [[i for i, w in enumerate(ws) if eligible(w)] for ws in words]
+        wanted = [[i for i, w in enumerate(ws) if is_word(w) and w.lower() not in STOP_WORDS] for ws in words]
         found: list[dict[int, list[str]]] = [{} for _ in texts]
         if s.candidates_from != "vectors":
             whole_word = s.candidates_from == "mlm" or self.vectors is None
@@ -438,10 +431,9 @@ def _hub_table(task: TaskSpec, output: Path) -> Table:
     kind = _kind(output, ("jsonl", "csv"), f"rows from the hub dataset nyu-mll/glue/{task.name} are written with "
                                            f"its columns ({', '.join(task.text_columns)}, label), not GLUE's TSV")
     ds = load_task(task.name, None, splits=["train"])["train"]
-    columns = [*task.text_columns, "label"]
-    rows = [[*(r["text_a"], r.get("text_b"))[: len(task.text_columns)], r["label"]] for r in ds]
-    return Table(f"nyu-mll/glue/{task.name}", ds._fingerprint, columns, rows, list(range(len(task.text_columns))),
-                 kind)
+    n, source = len(task.text_columns), f"nyu-mll/glue/{task.name}"
+    rows = [[*(r["text_a"], r.get("text_b"))[:n], r["label"]] for r in ds]
+    return Table(source, ds._fingerprint, [*task.text_columns, "label"], rows, list(range(n)), kind)
 
 
 # ------------------------------------------------------------------------------------------- the whole file
@@ -579,12 +571,10 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     vectors = WordVectors.load(word_vectors, settings.vectors_limit) if word_vectors else None
     augmenter = Augmenter(settings, masked_lm, vectors)  # checks that the sources the settings want are there
     loaded = time.perf_counter() - started
-    fingerprint = {
-        "format": _FORMAT, "source": table.source, "data": table.digest, "text_fields": table.text_fields,
-        "kind": table.kind, "mlm": masked_lm.digest() if masked_lm else None,
-        "vectors": vectors.digest() if vectors else None, "settings": dataclasses.asdict(settings),
-        "precision": precision, "shard_rows": SHARD_ROWS,
-    }
+    fingerprint = {"format": _FORMAT, "source": table.source, "data": table.digest, "text_fields": table.text_fields,
+                   "kind": table.kind, "mlm": masked_lm.digest() if masked_lm else None,
+                   "vectors": vectors.digest() if vectors else None, "settings": dataclasses.asdict(settings),
+                   "precision": precision, "shard_rows": SHARD_ROWS}
     sources = {"both": "MLM for one-piece words, " + ("word vectors" if vectors else "whole-word MLM") +
                        " for words of several pieces", "mlm": "MLM for every word", "vectors": "word vectors"}
     echo(f"augment: {len(table.rows)} rows of {table.source}, {len(table.text_fields)} text field(s); "
