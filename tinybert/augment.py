@@ -37,7 +37,6 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -79,7 +78,7 @@ def is_word(text: str) -> bool:
     return bool(_WORD.fullmatch(text.lower()))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AugmentSettings:
     copies: int = 20  # N: variants tried per sentence (duplicates dropped)
     mask_prob: float = 0.4  # p: probability that a word is replaced in a variant
@@ -182,17 +181,13 @@ class MaskedLM:
         enc = tok(words, *pair, is_split_into_words=True, truncation="longest_first", max_length=self.max_length,
                   return_token_type_ids=True)
         for t, wanted in enumerate(slots):
-            if not wanted:
-                continue
             ids, types = enc["input_ids"][t], enc["token_type_ids"][t]
             for k, w in enumerate(wanted):
                 at = enc.word_to_tokens(t, w, sequence_index=0)  # the word's pieces in the masked sentence
                 if at is None or (at.end - at.start > 1 and not whole_word):
                     continue  # cut by truncation, or a multi-piece word for the vectors
-                first, drop = at.start, set(range(at.start + 1, at.end))
-                q_ids = [tok.mask_token_id if p == first else i for p, i in enumerate(ids) if p not in drop]
-                q_types = [x for p, x in enumerate(types) if p not in drop]
-                out.append((t, k, q_ids, q_types, first))
+                q_ids = [*ids[: at.start], tok.mask_token_id, *ids[at.end :]]  # its pieces become one [MASK]
+                out.append((t, k, q_ids, [*types[: at.start + 1], *types[at.end :]], at.start))
         return out
 
     @torch.inference_mode()
@@ -362,7 +357,7 @@ def _match_case(candidate: str, word: str) -> str:
 # ------------------------------------------------------------------------------------------------- train files
 
 
-@dataclass
+@dataclasses.dataclass
 class Table:
     """The rows of a train file as they are (every column kept), which columns hold the text, and how to write
     rows back in the same schema: `glue` (GLUE's TSV: tabs, no quoting), `csv`, `tsv` (quoted), or `jsonl`."""

@@ -24,11 +24,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One labelled task: where its text and labels live, how it is scored, how long its sequences are.
-
-    `label_names` is None for regression. GLUE TSV columns are header names, or 0-based positions for files with
-    no header (CoLA train/dev), text columns first and the label last; test files have no label column.
-    """
+    """One labelled task: where its text and labels live, how it is scored, how long its sequences are. GLUE TSV
+    columns are header names, or 0-based positions in a file with no header (CoLA train/dev)."""
 
     name: str
     text_columns: tuple[str, ...]  # nyu-mll/glue (or custom file) column names -> text_a[, text_b]
