@@ -31,20 +31,21 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from tokenizers.pre_tokenizers import BertPreTokenizer
 
-from tinybert.data import (DataError, TaskSpec, _glue_columns, _glue_folder, _text_and_label_columns, file_sha256, get_task,
-                           load_task, read_records)
+from tinybert.data import (DataError, TaskSpec, file_sha256, get_task, glue_file, load_task, pad_rows, read_glue_tsv,
+                           read_records, read_text_and_labels)
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -77,11 +78,7 @@ def is_word(text: str) -> bool:
     return bool(_WORD.fullmatch(text.lower()))
 
 
-def eligible(word: str) -> bool:
-    return is_word(word) and word.lower() not in STOP_WORDS
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AugmentSettings:
     copies: int = 20  # N: variants tried per sentence (duplicates dropped)
     mask_prob: float = 0.4  # p: probability that a word is replaced in a variant
@@ -114,8 +111,9 @@ class MaskedLM:
     """A masked LM that `AutoModelForMaskedLM` loads (a directory or a hub id), with its own tokenizer, proposing
     whole-word candidates for masked positions in batched forwards."""
 
-    def __init__(self, source: str, device: torch.device, precision: str = "fp32", *, pair: bool = True,
-                 batch_tokens: int = 16384):
+    batch_tokens = 16384  # tokens per batched forward (rows x padded length)
+
+    def __init__(self, source: str, device: torch.device, precision: str = "fp32", *, pair: bool = True):
         import transformers
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -140,7 +138,7 @@ class MaskedLM:
                 f"or draw every candidate from word vectors (--candidates-from vectors --word-vectors FILE)")
         if not self.tokenizer.is_fast or self.tokenizer.mask_token_id is None:
             raise AugmentError(f"{source}: augmentation needs a fast tokenizer with a mask token")
-        self.source, self.device, self.precision, self.batch_tokens = source, device, precision, batch_tokens
+        self.device, self.precision = device, precision
         self.pair = pair  # the MLM reads [CLS] masked [SEP] original [SEP] (the original's input), else [CLS] masked
         self.model = model.to(device).eval()
         self.max_length = min(self.tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -155,15 +153,12 @@ class MaskedLM:
         """Per token id: its text, and whether it may be a candidate (a whole word of letters that the tokenizer
         gives back, alone, for that text; no specials, no word pieces)."""
         tok = self.tokenizer
-        vocab_size = len(tok)
-        texts = [tok.convert_tokens_to_string([t]).strip() for t in tok.convert_ids_to_tokens(list(range(vocab_size)))]
+        texts = [tok.convert_tokens_to_string([t]).strip() for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
         special = set(tok.all_special_ids)
-        ok = [i not in special and is_word(t) for i, t in enumerate(texts)]
-        ids = [i for i in range(vocab_size) if ok[i]]
+        ids = [i for i, t in enumerate(texts) if i not in special and is_word(t)]
         encoded = tok([texts[i] for i in ids], add_special_tokens=False)["input_ids"]
-        allowed = torch.zeros(vocab_size, dtype=torch.bool)
-        for i, pieces in zip(ids, encoded):
-            allowed[i] = pieces == [i]
+        allowed = torch.zeros(len(tok), dtype=torch.bool)
+        allowed[torch.tensor([i for i, pieces in zip(ids, encoded) if pieces == [i]], dtype=torch.long)] = True
         return texts, allowed
 
     def digest(self) -> str:
@@ -186,22 +181,13 @@ class MaskedLM:
         enc = tok(words, *pair, is_split_into_words=True, truncation="longest_first", max_length=self.max_length,
                   return_token_type_ids=True)
         for t, wanted in enumerate(slots):
-            if not wanted:
-                continue
             ids, types = enc["input_ids"][t], enc["token_type_ids"][t]
-            word_ids, seq_ids = enc.word_ids(t), enc.sequence_ids(t)
-            pieces: dict[int, list[int]] = {}
-            for pos, (w, s) in enumerate(zip(word_ids, seq_ids)):
-                if w is not None and s == 0:
-                    pieces.setdefault(w, []).append(pos)
             for k, w in enumerate(wanted):
-                at = pieces.get(w, [])
-                if not at or (len(at) > 1 and not whole_word):
+                at = enc.word_to_tokens(t, w, sequence_index=0)  # the word's pieces in the masked sentence
+                if at is None or (at.end - at.start > 1 and not whole_word):
                     continue  # cut by truncation, or a multi-piece word for the vectors
-                first, drop = at[0], set(at[1:])
-                q_ids = [tok.mask_token_id if p == first else i for p, i in enumerate(ids) if p not in drop]
-                q_types = [x for p, x in enumerate(types) if p not in drop]
-                out.append((t, k, q_ids, q_types, first))
+                q_ids = [*ids[: at.start], tok.mask_token_id, *ids[at.end :]]  # its pieces become one [MASK]
+                out.append((t, k, q_ids, [*types[: at.start + 1], *types[at.end :]], at.start))
         return out
 
     @torch.inference_mode()
@@ -209,23 +195,14 @@ class MaskedLM:
         """Top-k allowed words at each query's mask, batched by length (longest first, at most batch_tokens)."""
         order = sorted(range(len(queries)), key=lambda i: -len(queries[i][2]))
         results: list[list[str]] = [[] for _ in queries]
-        pad = self.tokenizer.pad_token_id or 0
         allowed = self.allowed.to(self.device)
         start = 0
         while start < len(order):
-            T = len(queries[order[start]][2])
-            B = max(1, self.batch_tokens // T)
-            chunk = order[start : start + B]
+            chunk = order[start : start + max(1, self.batch_tokens // len(queries[order[start]][2]))]
             start += len(chunk)
-            ids = torch.full((len(chunk), T), pad, dtype=torch.long)  # B, T
-            types = torch.zeros((len(chunk), T), dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                n = len(queries[i][2])
-                ids[row, :n] = torch.tensor(queries[i][2])
-                types[row, :n] = torch.tensor(queries[i][3])
-                mask[row, :n] = 1
-            at = torch.tensor([queries[i][4] for i in chunk])
+            _, _, ids, types, at = zip(*(queries[i] for i in chunk))
+            mask = pad_rows([[1] * len(row) for row in ids])  # B, T
+            ids, types, at = pad_rows(ids, self.tokenizer.pad_token_id or 0), pad_rows(types), torch.tensor(at)
             logits = self._logits(ids.to(self.device), types.to(self.device), mask.to(self.device), at)  # B, V
             logits = logits.float().masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
             top = logits.topk(min(k, int(allowed.sum())), dim=-1).indices.tolist()
@@ -263,10 +240,8 @@ class WordVectors:
             raise AugmentError(f"word-vectors file {path} does not exist (give a GloVe text file, e.g. "
                                f"glove.6B.300d.txt)")
         words, rows, dim = [], [], None
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for n, line in enumerate(f, start=1):
-                if n > limit:
-                    break
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(itertools.islice(f, limit), start=1):
                 parts = line.rstrip("\n").rstrip().split(" ")
                 try:
                     values = np.asarray(parts[1:], dtype=np.float32)
@@ -315,20 +290,14 @@ Slot = tuple[int, int, list[str]]  # start, end of a word in its text; its candi
 class Augmenter:
     """Candidates for every eligible word of many texts at once, and the variants of one text."""
 
-    def __init__(self, settings: AugmentSettings, mlm: MaskedLM | None, vectors: WordVectors | None,
-                 pre_tokenizer=None):
+    def __init__(self, settings: AugmentSettings, mlm: MaskedLM | None, vectors: WordVectors | None):
         if settings.candidates_from in ("both", "mlm") and mlm is None:
             raise AugmentError(f"--candidates-from {settings.candidates_from} needs --mlm MODEL")
         if settings.candidates_from == "vectors" and vectors is None:
             raise AugmentError("--candidates-from vectors needs --word-vectors FILE (GloVe text format)")
         self.settings, self.mlm, self.vectors = settings, mlm, vectors
-        if pre_tokenizer is None and mlm is not None:
-            pre_tokenizer = mlm.pre_tokenizer
-        if pre_tokenizer is None:  # vectors only: BERT's split (whitespace, then punctuation)
-            from tokenizers.pre_tokenizers import BertPreTokenizer
-
-            pre_tokenizer = BertPreTokenizer()
-        self.pre_tokenizer = pre_tokenizer
+        # vectors only: BERT's split (whitespace, then punctuation)
+        self.pre_tokenizer = mlm.pre_tokenizer if mlm is not None else BertPreTokenizer()
 
     def split(self, text: str) -> list[tuple[str, int, int]]:
         """Words with their character spans in `text` (the tokenizer's own word split: whitespace and punctuation
@@ -347,7 +316,7 @@ class Augmenter:
         s, K = self.settings, self.settings.candidates
         split = [self.split(t) for t in texts]
         words = [[w for w, _, _ in ws] for ws in split]
-        wanted = [[i for i, w in enumerate(ws) if eligible(w)] for ws in words]
+        wanted = [[i for i, w in enumerate(ws) if is_word(w) and w.lower() not in STOP_WORDS] for ws in words]
         found: list[dict[int, list[str]]] = [{} for _ in texts]
         if s.candidates_from != "vectors":
             whole_word = s.candidates_from == "mlm" or self.vectors is None
@@ -363,7 +332,7 @@ class Augmenter:
 
     def variants(self, text: str, slots: list[Slot], rng: random.Random) -> list[str]:
         """Up to N distinct variants of `text`, none equal to it: each slot replaced with probability p."""
-        seen, out = {text}, []
+        out: dict[str, None] = {}  # an ordered set: the first of equal variants keeps its place
         slots = [slot for slot in slots if slot[2]]
         for _ in range(self.settings.copies):
             pieces, last = [], 0
@@ -372,11 +341,9 @@ class Augmenter:
                 if rng.random() < self.settings.mask_prob:
                     pieces += [text[last:start], _match_case(choice, text[start:end])]
                     last = end
-            variant = "".join(pieces) + text[last:]
-            if variant not in seen:
-                seen.add(variant)
-                out.append(variant)
-        return out
+            out["".join(pieces) + text[last:]] = None
+        out.pop(text, None)
+        return list(out)
 
 
 def _match_case(candidate: str, word: str) -> str:
@@ -390,7 +357,7 @@ def _match_case(candidate: str, word: str) -> str:
 # ------------------------------------------------------------------------------------------------- train files
 
 
-@dataclass
+@dataclasses.dataclass
 class Table:
     """The rows of a train file as they are (every column kept), which columns hold the text, and how to write
     rows back in the same schema: `glue` (GLUE's TSV: tabs, no quoting), `csv`, `tsv` (quoted), or `jsonl`."""
@@ -433,10 +400,8 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
         spec = get_task(task)
         if data_dir is None:
             return _hub_table(spec, output)
-        path = _glue_folder(spec, Path(data_dir)) / "train.tsv"
-        if not path.is_file():
-            raise DataError(f"missing split file {path} (split 'train' of task {spec.name})")
-        table, _, labels = _glue_columns(path, spec, labelled=True)  # checks every row, names the line of a bad one
+        path = glue_file(spec, data_dir, "train")
+        table, _, labels = read_glue_tsv(path, spec, labelled=True)  # checks every row, names the line of a bad one
         if not labels:
             raise DataError(f"{path}: no rows")
         _kind(output, ("tsv",), f"{spec.name}'s augmented train set is written in GLUE's TSV layout, as its train.tsv")
@@ -448,7 +413,7 @@ def read_table(output: Path, task: str | None = None, data_dir: str | None = Non
     if len(text_columns) not in (1, 2):
         raise AugmentError(f"--text-columns names one or two columns, got {list(text_columns)}")
     path = Path(train)
-    _text_and_label_columns(path, [*text_columns, label_column])  # checks every record: missing file, empty text...
+    read_text_and_labels(path, [*text_columns, label_column])  # checks every record: missing file, empty text...
     columns, records, _ = read_records(path)
     if label_column not in records[0]:
         raise DataError(f"{path}: no label column {label_column!r} (set --label-column); the augmented rows copy it")
@@ -461,10 +426,9 @@ def _hub_table(task: TaskSpec, output: Path) -> Table:
     kind = _kind(output, ("jsonl", "csv"), f"rows from the hub dataset nyu-mll/glue/{task.name} are written with "
                                            f"its columns ({', '.join(task.text_columns)}, label), not GLUE's TSV")
     ds = load_task(task.name, None, splits=["train"])["train"]
-    columns = [*task.text_columns, "label"]
-    rows = [[*(r["text_a"], r.get("text_b"))[: len(task.text_columns)], r["label"]] for r in ds]
-    return Table(f"nyu-mll/glue/{task.name}", ds._fingerprint, columns, rows, list(range(len(task.text_columns))),
-                 kind)
+    n, source = len(task.text_columns), f"nyu-mll/glue/{task.name}"
+    rows = [[*(r["text_a"], r.get("text_b"))[:n], r["label"]] for r in ds]
+    return Table(source, ds._fingerprint, [*task.text_columns, "label"], rows, list(range(n)), kind)
 
 
 # ------------------------------------------------------------------------------------------- the whole file
@@ -476,11 +440,6 @@ def _distributed() -> tuple[int, int]:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", "0")), world
-
-
-def _barrier(world: int):
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def augment_table(table: Table, augmenter: Augmenter, rows: range) -> str:
@@ -506,38 +465,39 @@ def augment(table: Table, augmenter: Augmenter, output: str | os.PathLike, *, fi
     Under a launcher each rank takes every world-th shard and rank 0 writes the output."""
     from tqdm.auto import tqdm
 
+    from tinybert.train import barrier
+
     output = Path(output)
     work = output.with_name(output.name + ".partial")
     rank, world = _distributed()
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    shards = range((len(table.rows) + SHARD_ROWS - 1) // SHARD_ROWS)
+    shards = [range(start, min(start + SHARD_ROWS, len(table.rows))) for start in range(0, len(table.rows), SHARD_ROWS)]
+    parts = [work / f"shard-{i:05d}.part" for i in range(len(shards))]
     if rank == 0:
         _prepare(work, output, digest, fingerprint, overwrite, echo)
-    _barrier(world)
-    done = [i for i in shards if (work / f"shard-{i:05d}.part").is_file()]
+    barrier()
+    done = [i for i, part in enumerate(parts) if part.is_file()]
     if rank == 0 and done:
         echo(f"resuming: {len(done)} of {len(shards)} shards were done by an earlier run with these settings")
-    mine = [i for i in shards if i % world == rank and i not in done]
-    todo = sum(len(range(i * SHARD_ROWS, min((i + 1) * SHARD_ROWS, len(table.rows)))) for i in mine)
-    bar = tqdm(total=todo * len(table.text_fields), unit="sent", desc="augmenting", disable=not progress,
-               dynamic_ncols=True)
+    mine = [i for i in range(len(shards)) if i % world == rank and i not in done]
+    bar = tqdm(total=sum(len(shards[i]) for i in mine) * len(table.text_fields), unit="sent", desc="augmenting",
+               disable=not progress, dynamic_ncols=True)
     for i in mine:
-        rows = range(i * SHARD_ROWS, min((i + 1) * SHARD_ROWS, len(table.rows)))
-        _write_atomic(work / f"shard-{i:05d}.part", augment_table(table, augmenter, rows))
-        bar.update(len(rows) * len(table.text_fields))
+        _write_atomic(parts[i], augment_table(table, augmenter, shards[i]))
+        bar.update(len(shards[i]) * len(table.text_fields))
     bar.close()
-    _barrier(world)
+    barrier()
     if rank != 0:
         return output
-    missing = [i for i in shards if not (work / f"shard-{i:05d}.part").is_file()]
+    missing = [i for i, part in enumerate(parts) if not part.is_file()]
     if missing:
         raise AugmentError(f"shards {missing[:5]} of {work} are missing after every rank finished; re-run the "
                            f"same command to make them")
     tmp = output.with_name(f".{output.name}.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(table.format_header())
-        for i in shards:
-            f.write((work / f"shard-{i:05d}.part").read_text(encoding="utf-8"))
+        for part in parts:  # one shard in memory at a time
+            f.write(part.read_text(encoding="utf-8"))
     os.replace(tmp, output)
     shutil.rmtree(work)
     return output
@@ -550,8 +510,7 @@ def _prepare(work: Path, output: Path, digest: str, fingerprint: dict, overwrite
     if output.exists() and not overwrite:
         raise AugmentError(f"{output} already exists; pass --overwrite to replace it, or choose another --output "
                            f"(nothing was written)")
-    if not output.parent.is_dir():
-        output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     stamp = work / "settings.json"
     if work.exists():
         if not stamp.is_file():
@@ -562,8 +521,8 @@ def _prepare(work: Path, output: Path, digest: str, fingerprint: dict, overwrite
             old = {}
         if old.get("digest") == digest:
             return
-        changed = sorted(k for k in set(old.get("fingerprint", {})) | set(fingerprint)
-                         if old.get("fingerprint", {}).get(k) != fingerprint.get(k))
+        before = old.get("fingerprint", {})
+        changed = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
         echo(f"{work} holds shards of a run with other settings ({', '.join(changed) or 'unknown'} differ): "
              f"starting afresh")
         shutil.rmtree(work)
@@ -588,8 +547,8 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
 
     from tinybert.train import decide_precision, default_device
 
-    output = Path(output)
-    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher only rank 0 speaks
+    output, rank0 = Path(output), int(os.environ.get("RANK", "0")) == 0
+    if not rank0:  # under a launcher only rank 0 speaks
         echo, progress = (lambda *_: None), False
     if settings is None:
         settings = AugmentSettings(copies=DEFAULT_COPIES.get((task or "").lower(), 20))
@@ -605,16 +564,12 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     masked_lm = (MaskedLM(mlm, device, precision, pair=settings.mlm_input == "pair")
                  if mlm is not None and settings.candidates_from != "vectors" else None)
     vectors = WordVectors.load(word_vectors, settings.vectors_limit) if word_vectors else None
-    if settings.candidates_from == "vectors" and vectors is None:
-        raise AugmentError("--candidates-from vectors needs --word-vectors FILE (GloVe text format)")
-    augmenter = Augmenter(settings, masked_lm, vectors)
+    augmenter = Augmenter(settings, masked_lm, vectors)  # checks that the sources the settings want are there
     loaded = time.perf_counter() - started
-    fingerprint = {
-        "format": _FORMAT, "source": table.source, "data": table.digest, "text_fields": table.text_fields,
-        "kind": table.kind, "mlm": masked_lm.digest() if masked_lm else None,
-        "vectors": vectors.digest() if vectors else None, "settings": dataclasses.asdict(settings),
-        "precision": precision, "shard_rows": SHARD_ROWS,
-    }
+    fingerprint = {"format": _FORMAT, "source": table.source, "data": table.digest, "text_fields": table.text_fields,
+                   "kind": table.kind, "mlm": masked_lm.digest() if masked_lm else None,
+                   "vectors": vectors.digest() if vectors else None, "settings": dataclasses.asdict(settings),
+                   "precision": precision, "shard_rows": SHARD_ROWS}
     sources = {"both": "MLM for one-piece words, " + ("word vectors" if vectors else "whole-word MLM") +
                        " for words of several pieces", "mlm": "MLM for every word", "vectors": "word vectors"}
     echo(f"augment: {len(table.rows)} rows of {table.source}, {len(table.text_fields)} text field(s); "
@@ -625,12 +580,12 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
     path = augment(table, augmenter, output, fingerprint=fingerprint, overwrite=overwrite, echo=echo,
                    progress=progress)
     seconds = time.perf_counter() - started
+    sentences = len(table.rows) * len(table.text_fields)
     stats = {"output": str(path), "source_rows": len(table.rows), "load_s": round(loaded, 2),
-             "augment_s": round(seconds, 2),
-             "sentences_per_s": round(len(table.rows) * len(table.text_fields) / max(seconds, 1e-9), 1)}
-    if int(os.environ.get("RANK", "0")) == 0:
+             "augment_s": round(seconds, 2), "sentences_per_s": round(sentences / max(seconds, 1e-9), 1)}
+    if rank0:
         with open(path, encoding="utf-8") as f:
-            stats["output_rows"] = sum(1 for _ in f) - (1 if table.header and table.kind != "jsonl" else 0)
+            stats["output_rows"] = sum(1 for _ in f) - (1 if table.format_header() else 0)
         echo(f"wrote {path}: {stats['output_rows']} rows from {len(table.rows)} "
              f"({stats['output_rows'] / len(table.rows):.1f}x) in {seconds:.1f} s, "
              f"{stats['sentences_per_s']:.0f} sentences/s")

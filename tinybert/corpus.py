@@ -19,27 +19,22 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from tinybert.data import pad_rows
+
 
 class CorpusError(ValueError):
     """A corpus path or its contents cannot be used; the message is one line that names the path."""
 
 
 DOCUMENT_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string")})
-STREAM_FEATURES = datasets.Features(
-    {
-        "source": datasets.Value("string"),
-        "doc": datasets.Value("int32"),  # row index in read_documents' dataset
-        "input_ids": datasets.List(datasets.Value("int32")),  # the whole document, no special tokens
-        "paragraph_lengths": datasets.List(datasets.Value("int32")),  # tokens per paragraph, sums to len(input_ids)
-    }
-)
-ROW_FEATURES = datasets.Features(
-    {
-        "doc": datasets.Value("int32"),
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "token_type_ids": datasets.List(datasets.Value("int8")),
-    }
-)
+STREAM_FEATURES = datasets.Features({
+    "source": datasets.Value("string"),
+    "doc": datasets.Value("int32"),  # row index in read_documents' dataset
+    "input_ids": datasets.List(datasets.Value("int32")),  # the whole document, no special tokens
+    "paragraph_lengths": datasets.List(datasets.Value("int32")),  # tokens per paragraph, sums to len(input_ids)
+})
+ROW_FEATURES = datasets.Features({"doc": datasets.Value("int32"), "input_ids": datasets.List(datasets.Value("int32")),
+                                  "token_type_ids": datasets.List(datasets.Value("int8"))})
 
 # Documents per map batch: a book is ~10^5 tokens, so larger batches only cost memory.
 _DOCS_PER_BATCH = 8
@@ -48,8 +43,7 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # one or more blank (or whitespace-on
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?$")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Documents
+# -------------------------------------------------------------------------------------------------------- documents
 
 
 def read_documents(paths: list[str], *, cache_dir: str | None = None) -> datasets.Dataset:
@@ -77,10 +71,9 @@ def read_documents(paths: list[str], *, cache_dir: str | None = None) -> dataset
         elif path.exists():
             raise CorpusError(f"corpus path is neither a file nor a folder: {path}")
         elif _HUB_ID.match(str(given)) and path.suffix.lower() not in (".txt", ".text"):
-            if files:
-                parts.append(_read_files(files, cache_dir))
-                files = []
+            parts += [_read_files(files, cache_dir)] if files else []  # the files before it come first
             parts.append(_read_hub(str(given), cache_dir))
+            files = []
         else:
             raise CorpusError(f"corpus path does not exist: {path}")
     if files:
@@ -131,9 +124,8 @@ def _read_hub(hub_id: str, cache_dir: str | None) -> datasets.Dataset:
         ) from e
     if "text" not in dataset.column_names:
         raise CorpusError(f"dataset {hub_id!r} has no 'text' column (it has {', '.join(dataset.column_names)})")
-    return dataset.select_columns(["text"]).map(
-        _add_source, batched=True, fn_kwargs={"source": hub_id}, features=DOCUMENT_FEATURES
-    )
+    return dataset.select_columns(["text"]).map(_add_source, batched=True, fn_kwargs={"source": hub_id},
+                                                features=DOCUMENT_FEATURES)
 
 
 def _add_source(batch, source):
@@ -150,19 +142,11 @@ def _paragraphs(text: str) -> list[str]:
     return [p for p in paragraphs if p]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Packed corpus
+# ---------------------------------------------------------------------------------------------------- packed corpus
 
 
-def build_corpus(
-    paths: list[str],
-    tokenizer,
-    *,
-    max_seq_length: int = 128,
-    heldout_fraction: float | int = 0.01,
-    seed: int = 0,
-    cache_dir: str | None = None,
-) -> datasets.DatasetDict:
+def build_corpus(paths: list[str], tokenizer, *, max_seq_length: int = 128, heldout_fraction: float | int = 0.01,
+                 seed: int = 0, cache_dir: str | None = None) -> datasets.DatasetDict:
     """Read, tokenise (once, cached by `datasets`), hold out and pack a corpus.
 
     Returns splits `train` and `heldout`, rows in document order (the training loop shuffles): `doc` (the document's
@@ -186,54 +170,29 @@ def build_corpus(
     # so that packing, which needs a whole document, reads one row. Cached: the fingerprint hashes the documents'
     # fingerprint, this function and the tokenizer, all stable across runs.
     streams = documents.map(
-        _tokenize_documents,
-        batched=True,
-        batch_size=_DOCS_PER_BATCH,
-        writer_batch_size=_DOCS_PER_BATCH,
-        with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer},
-        remove_columns=["text"],
-        features=STREAM_FEATURES,
+        _tokenize_documents, batched=True, batch_size=_DOCS_PER_BATCH, writer_batch_size=_DOCS_PER_BATCH,
+        with_indices=True, fn_kwargs={"tokenizer": tokenizer}, remove_columns=["text"], features=STREAM_FEATURES,
         desc="Tokenising documents",
     )
     train, heldout = _hold_out(streams, heldout_fraction, seed)
-    pack = {
-        "max_seq_length": max_seq_length,
-        "seed": seed,
-        "cls_token_id": tokenizer.cls_token_id,
-        "sep_token_id": tokenizer.sep_token_id,
-    }
-    return datasets.DatasetDict(
-        {
-            split: stream.map(
-                _pack,
-                batched=True,
-                batch_size=_DOCS_PER_BATCH,
-                fn_kwargs=pack,
-                remove_columns=stream.column_names,
-                features=ROW_FEATURES,
-                desc=f"Packing {split}",
-            )
-            for split, stream in (("train", train), ("heldout", heldout))
-        }
-    )
+    pack = {"max_seq_length": max_seq_length, "seed": seed, "cls_token_id": tokenizer.cls_token_id,
+            "sep_token_id": tokenizer.sep_token_id}
+    return datasets.DatasetDict({
+        split: stream.map(_pack, batched=True, batch_size=_DOCS_PER_BATCH, fn_kwargs=pack,
+                          remove_columns=stream.column_names, features=ROW_FEATURES, desc=f"Packing {split}")
+        for split, stream in (("train", train), ("heldout", heldout))
+    })
 
 
 def _tokenize_documents(batch, indices, tokenizer):
-    paragraphs, owner = [], []
-    for i, text in enumerate(batch["text"]):
-        for paragraph in _paragraphs(text):
-            paragraphs.append(paragraph)
-            owner.append(i)
+    per_doc = [_paragraphs(text) for text in batch["text"]]
+    paragraphs = [p for doc in per_doc for p in doc]
     # verbose=False: a long paragraph is not an error here, packing cuts it to max_seq_length.
-    encoded = tokenizer(paragraphs, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False, verbose=False)["input_ids"] if paragraphs else []
-    streams = [[] for _ in indices]
-    lengths = [[] for _ in indices]
-    for i, ids in zip(owner, encoded):
-        streams[i].extend(ids)
-        lengths[i].append(len(ids))
-    return {"source": batch["source"], "doc": indices, "input_ids": streams, "paragraph_lengths": lengths}
+    encoded = iter(tokenizer(paragraphs, add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False, verbose=False)["input_ids"] if paragraphs else [])
+    docs = [[next(encoded) for _ in doc] for doc in per_doc]  # per document, its paragraphs' token ids
+    return {"source": batch["source"], "doc": indices, "input_ids": [[t for ids in doc for t in ids] for doc in docs],
+            "paragraph_lengths": [[len(ids) for ids in doc] for doc in docs]}
 
 
 def _hold_out(streams: datasets.Dataset, heldout_fraction, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -243,10 +202,8 @@ def _hold_out(streams: datasets.Dataset, heldout_fraction, seed: int) -> tuple[d
         n_paragraphs = len(streams.select_columns(["paragraph_lengths"])[0]["paragraph_lengths"])
         k = _heldout_count(heldout_fraction, n_paragraphs, "paragraphs of the single document")
         cut = n_paragraphs - k
-        return (
-            streams.map(_keep_paragraphs, fn_kwargs={"start": 0, "stop": cut}, features=STREAM_FEATURES),
-            streams.map(_keep_paragraphs, fn_kwargs={"start": cut, "stop": n_paragraphs}, features=STREAM_FEATURES),
-        )
+        train, heldout = ({"start": 0, "stop": cut}, {"start": cut, "stop": n_paragraphs})
+        return tuple(streams.map(_keep_paragraphs, fn_kwargs=kw, features=STREAM_FEATURES) for kw in (train, heldout))
     k = _heldout_count(heldout_fraction, len(streams), "documents")
     order = np.random.default_rng(seed).permutation(len(streams))
     return streams.select(sorted(order[k:].tolist())), streams.select(sorted(order[:k].tolist()))
@@ -299,8 +256,7 @@ def _pieces(ids: list[int], span: int) -> list[list[int]]:
     return [ids[s:e] for s, e in zip(starts, ends) if e - s >= 2]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batches and statistics
+# ------------------------------------------------------------------------------------------- batches and statistics
 
 
 def collate_packed(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -308,16 +264,9 @@ def collate_packed(features: list[dict], pad_token_id: int) -> dict[str, torch.T
     `attention_mask` (1 on tokens, 0 on padding), each (B, T)."""
     if not features:
         raise ValueError("collate_packed needs at least one row")
-    B, T = len(features), max(len(f["input_ids"]) for f in features)
-    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    token_type_ids = torch.zeros((B, T), dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-        token_type_ids[i, :n] = torch.as_tensor(f["token_type_ids"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+    ids, types = [f["input_ids"] for f in features], [f["token_type_ids"] for f in features]
+    return {"input_ids": pad_rows(ids, pad_token_id), "token_type_ids": pad_rows(types),
+            "attention_mask": pad_rows([[1] * len(row) for row in ids])}
 
 
 def corpus_stats(dataset_dict: datasets.DatasetDict) -> dict[str, dict[str, int]]:

@@ -24,11 +24,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One labelled task: where its text and labels live, how it is scored, how long its sequences are.
-
-    `label_names` is None for regression. GLUE TSV columns are header names, or 0-based positions for files with
-    no header (CoLA train/dev), text columns first and the label last; test files have no label column.
-    """
+    """One labelled task: where its text and labels live, how it is scored, how long its sequences are. GLUE TSV
+    columns are header names, or 0-based positions in a file with no header (CoLA train/dev)."""
 
     name: str
     text_columns: tuple[str, ...]  # nyu-mll/glue (or custom file) column names -> text_a[, text_b]
@@ -38,7 +35,7 @@ class TaskSpec:
     max_seq_length: int  # paper: 64 single sentence, 128 pairs
     glue_dir: str | None = None  # folder name written by download_glue_data.py
     tsv_columns: tuple[str | int, ...] = ()  # train/dev: text columns, then the label column
-    tsv_test_columns: tuple[str | int, ...] = ()  # test: text columns
+    tsv_test_columns: tuple[str | int, ...] = ()  # test: text columns; () = those of train/dev
     tsv_width: int = 0  # columns per row of a headerless file (CoLA); 0 = as many as the header has
     string_labels: bool = False  # TSV and submission hold label names (rte, mnli, qnli), not ids
     dev_splits: tuple[str, ...] = ("validation",)
@@ -65,58 +62,34 @@ class TaskSpec:
 # features, as listed in tensorflow/datasets docs/community_catalog/huggingface/glue.md), so class ids agree with
 # teachers fine-tuned on the hub dataset. Metrics and main metrics follow the paper's Table 1 (MCC for CoLA, F1 for
 # MRPC/QQP, Spearman for STS-B, accuracy for the rest).
-TASKS = {
-    "cola": TaskSpec(
-        "cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), "matthews_correlation", 64,
-        glue_dir="CoLA", tsv_columns=(3, 1), tsv_test_columns=("sentence",), tsv_width=4,
-    ),
-    "sst2": TaskSpec(
-        "sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", 64,
-        glue_dir="SST-2", tsv_columns=("sentence", "label"), tsv_test_columns=("sentence",),
-    ),
-    "mrpc": TaskSpec(
-        "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1", 128,
-        glue_dir="MRPC", tsv_columns=("#1 String", "#2 String", "Quality"), tsv_test_columns=("#1 String", "#2 String"),
-    ),
-    "qqp": TaskSpec(
-        "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "f1", 128,
-        glue_dir="QQP", tsv_columns=("question1", "question2", "is_duplicate"),
-        tsv_test_columns=("question1", "question2"),
-    ),
-    "stsb": TaskSpec(
-        "stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), "spearmanr", 128,
-        glue_dir="STS-B", tsv_columns=("sentence1", "sentence2", "score"), tsv_test_columns=("sentence1", "sentence2"),
-    ),
-    "mnli": TaskSpec(
-        "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy", 128,
-        glue_dir="MNLI", tsv_columns=("sentence1", "sentence2", "gold_label"),
-        tsv_test_columns=("sentence1", "sentence2"), string_labels=True,
-        dev_splits=("validation_matched", "validation_mismatched"), test_splits=("test_matched", "test_mismatched"),
-    ),
-    "qnli": TaskSpec(
-        "qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
-        glue_dir="QNLI", tsv_columns=("question", "sentence", "label"), tsv_test_columns=("question", "sentence"),
-        string_labels=True,
-    ),
-    "rte": TaskSpec(
-        "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
-        glue_dir="RTE", tsv_columns=("sentence1", "sentence2", "label"), tsv_test_columns=("sentence1", "sentence2"),
-        string_labels=True,
-    ),
-    "wnli": TaskSpec(
-        "wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy", 128,
-        glue_dir="WNLI", tsv_columns=("sentence1", "sentence2", "label"), tsv_test_columns=("sentence1", "sentence2"),
-    ),
-}
+TASKS = {task.name: task for task in [
+    TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), "matthews_correlation",
+             64, glue_dir="CoLA", tsv_columns=(3, 1), tsv_test_columns=("sentence",), tsv_width=4),
+    TaskSpec("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "accuracy", 64, glue_dir="SST-2",
+             tsv_columns=("sentence", "label")),
+    TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "f1", 128,
+             glue_dir="MRPC", tsv_columns=("#1 String", "#2 String", "Quality")),
+    TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "f1", 128,
+             glue_dir="QQP", tsv_columns=("question1", "question2", "is_duplicate")),
+    TaskSpec("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"), "spearmanr", 128, glue_dir="STS-B",
+             tsv_columns=("sentence1", "sentence2", "score")),
+    TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
+             128, glue_dir="MNLI", tsv_columns=("sentence1", "sentence2", "gold_label"), string_labels=True,
+             dev_splits=("validation_matched", "validation_mismatched"),
+             test_splits=("test_matched", "test_mismatched")),
+    TaskSpec("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
+             glue_dir="QNLI", tsv_columns=("question", "sentence", "label"), string_labels=True),
+    TaskSpec("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "accuracy", 128,
+             glue_dir="RTE", tsv_columns=("sentence1", "sentence2", "label"), string_labels=True),
+    TaskSpec("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "accuracy", 128,
+             glue_dir="WNLI", tsv_columns=("sentence1", "sentence2", "label")),
+]}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in 16 MB blocks (a model's weights, a train file)."""
-    h = hashlib.sha256()
+    """The sha256 of a file's bytes (a model's weights, a train file), read in blocks."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def get_task(name: str) -> TaskSpec:
@@ -127,13 +100,11 @@ def get_task(name: str) -> TaskSpec:
     return task
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
+# -------------------------------------------------------------------------------------------------------------- loading
 
 
-def load_task(
-    name: str, data_dir: str | os.PathLike | None = None, splits: Sequence[str] | None = None
-) -> datasets.DatasetDict:
+def load_task(name: str, data_dir: str | os.PathLike | None = None,
+              splits: Sequence[str] | None = None) -> datasets.DatasetDict:
     """One GLUE task as a DatasetDict with columns text_a, [text_b,] label, idx.
 
     label: class id (ClassLabel, HF order) or float32 score (stsb); -1 on unlabeled test rows. idx: row number.
@@ -142,28 +113,30 @@ def load_task(
     test_mismatched); all by default, where missing test files are skipped (every split asked for by name must exist).
     """
     task = get_task(name)
-    if splits is not None:
-        unknown = [s for s in splits if s not in task.splits]
-        if unknown:
-            raise DataError(f"task {task.name} has no split(s) {unknown}; its splits are {list(task.splits)}")
+    unknown = [s for s in splits or () if s not in task.splits]
+    if unknown:
+        raise DataError(f"task {task.name} has no split(s) {unknown}; its splits are {list(task.splits)}")
     if data_dir is None:
         return _load_glue_hub(task, splits)
 
-    folder = _glue_folder(task, Path(data_dir))
     if splits is None:
+        folder = _glue_folder(task, Path(data_dir))
         splits = [s for s in task.splits if not s.startswith("test") or (folder / _split_file(s)).is_file()]
-    out = {}
-    for split in splits:
-        path = folder / _split_file(split)
-        if not path.is_file():
-            raise DataError(f"missing split file {path} (split {split!r} of task {task.name})")
-        out[split] = _glue_split(path, task, split, labelled=not split.startswith("test"))
-    return datasets.DatasetDict(out)
+    return datasets.DatasetDict({split: _glue_split(glue_file(task, data_dir, split), task, split) for split in splits})
 
 
 def _split_file(split: str) -> str:
     # train -> train.tsv, validation -> dev.tsv, validation_matched -> dev_matched.tsv, test_matched -> test_matched.tsv
     return split.replace("validation", "dev") + ".tsv"
+
+
+def glue_file(task: TaskSpec, data_dir: str | os.PathLike, split: str) -> Path:
+    """The TSV file of one split of a GLUE task: in data_dir/SST-2/ (as download_glue_data.py writes it) or in
+    data_dir itself, when it is the task folder."""
+    path = _glue_folder(task, Path(data_dir)) / _split_file(split)
+    if not path.is_file():
+        raise DataError(f"missing split file {path} (split {split!r} of task {task.name})")
+    return path
 
 
 def _glue_folder(task: TaskSpec, root: Path) -> Path:
@@ -195,13 +168,12 @@ def _read_csv(path: Path, delimiter: str, quoting: int, names: list[str] | None 
         if not header:
             raise DataError(f"{path} line 1: expected a header line")
         lines = []
-        for row in reader:
-            if row and len(row) != len(header):
+        for row in filter(None, reader):  # blank lines are no records
+            if len(row) != len(header):
                 sep = "tab" if delimiter == "\t" else "comma"
                 raise DataError(f"{path} line {reader.line_num}: expected {len(header)} {sep}-separated columns, "
                                 f"got {len(row)}")
-            if row:  # a quoted field may span lines: a record is named by its last line
-                lines.append(reader.line_num)
+            lines.append(reader.line_num)  # a quoted field may span lines: a record is named by its last line
     features = datasets.Features({c: datasets.Value("string") for c in header})
     if not lines:  # the loader refuses a split with no rows
         return datasets.Dataset.from_dict({c: [] for c in header}, features=features), lines
@@ -222,14 +194,14 @@ def _read_csv(path: Path, delimiter: str, quoting: int, names: list[str] | None 
     return table, lines
 
 
-def _glue_split(path: Path, task: TaskSpec, split: str, labelled: bool) -> datasets.Dataset:
-    return _to_dataset(task, split, *_glue_columns(path, task, labelled)[1:])
+def _glue_split(path: Path, task: TaskSpec, split: str) -> datasets.Dataset:
+    return _to_dataset(task, split, *read_glue_tsv(path, task, labelled=not split.startswith("test"))[1:])
 
 
-def _glue_columns(path: Path, task: TaskSpec, labelled: bool) -> tuple[datasets.Dataset, list[list[str]], list]:
+def read_glue_tsv(path: Path, task: TaskSpec, labelled: bool) -> tuple[datasets.Dataset, list[list[str]], list]:
     """One GLUE TSV file, checked row by row (errors name the file and the line): the file's table, its text
     columns and its labels (-1 in test files). GLUE text holds bare quotes (MRPC, RTE, STS-B): no quoting."""
-    spec = task.tsv_columns if labelled else task.tsv_test_columns
+    spec = task.tsv_columns if labelled else (task.tsv_test_columns or task.tsv_columns[:-1])
     names = [str(i) for i in range(task.tsv_width)] if isinstance(spec[0], int) else None  # headerless (CoLA)
     table, lines = _read_csv(path, "\t", csv.QUOTE_NONE, names, required=() if names else spec)
     text_spec = spec[:-1] if labelled else spec  # the label is the last column of train/dev
@@ -237,7 +209,8 @@ def _glue_columns(path: Path, task: TaskSpec, labelled: bool) -> tuple[datasets.
     for column, values in zip(text_spec, texts):
         for i, text in enumerate(values):
             if not text.strip():
-                raise DataError(f"{path} line {lines[i]}: empty text in {_column_name(column)}")
+                name = f"column {column + 1}" if isinstance(column, int) else f"column {column!r}"
+                raise DataError(f"{path} line {lines[i]}: empty text in {name}")
     if not labelled:
         return table, texts, [-1.0 if task.is_regression else -1] * len(table)
     ids = {n: i for i, n in enumerate(task.label_names)} if task.string_labels else _class_ids(task)
@@ -251,39 +224,19 @@ def _class_ids(task: TaskSpec) -> dict[str, int]:
 def _labels(raw: list, where: Callable[[int], str], task: TaskSpec, ids: dict[str, int],
             known: str | None = None) -> list:
     """Raw labels -> class ids (ids: label as written -> id) or finite scores (regression); where(i) names row i."""
-    if task.is_regression:
-        return [_parse_float(v, where(i)) for i, v in enumerate(raw)]
     for i, v in enumerate(raw):
-        if str(v) not in ids:
+        if task.is_regression and not _parses_as_number(v):
+            raise DataError(f"{where(i)}: label {v!r} is not a finite number")
+        if not task.is_regression and str(v) not in ids:
             raise DataError(f"{where(i)}: label {v!r} is not one of {known or ', '.join(ids)}")
-    return [ids[str(v)] for v in raw]
-
-
-def _column_name(column: str | int) -> str:
-    return f"column {column + 1}" if isinstance(column, int) else f"column {column!r}"
-
-
-def _parse_float(raw, where: str) -> float:
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value) or isinstance(raw, bool):
-        raise DataError(f"{where}: label {raw!r} is not a finite number")
-    return value
+    return [float(v) for v in raw] if task.is_regression else [ids[str(v)] for v in raw]
 
 
 def _features(task: TaskSpec) -> datasets.Features:
-    features = {"text_a": datasets.Value("string")}
-    if task.is_pair:
-        features["text_b"] = datasets.Value("string")
+    texts = {"text_a": datasets.Value("string"), **({"text_b": datasets.Value("string")} if task.is_pair else {})}
     # float32 as nyu-mll/glue stores STS-B scores; ClassLabel keeps the names with the ids and allows -1 (unlabeled).
-    if task.is_regression:
-        features["label"] = datasets.Value("float32")
-    else:
-        features["label"] = datasets.ClassLabel(names=list(task.label_names))
-    features["idx"] = datasets.Value("int64")
-    return datasets.Features(features)
+    label = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names))
+    return datasets.Features({**texts, "label": label, "idx": datasets.Value("int64")})
 
 
 def _yield_rows(columns: dict[str, list]) -> Iterator[dict]:
@@ -308,27 +261,20 @@ def _load_glue_hub(task: TaskSpec, splits: Sequence[str] | None) -> datasets.Dat
     try:
         loaded = datasets.load_dataset("nyu-mll/glue", task.name)
     except Exception as e:  # no network, hub down, offline mode: all end the same way for the user
-        raise DataError(
-            f"could not load nyu-mll/glue/{task.name} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            f"without network access, download GLUE (download_glue_data.py) and pass --data-dir "
-            f"(the folder holding {task.glue_dir}/)"
-        ) from e
-    rename = dict(zip(task.text_columns, ("text_a", "text_b")))
+        raise DataError(f"could not load nyu-mll/glue/{task.name} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                        f"without network access, download GLUE (download_glue_data.py) and pass --data-dir "
+                        f"(the folder holding {task.glue_dir}/)") from e
+    rename, features = dict(zip(task.text_columns, ("text_a", "text_b"))), _features(task)
     out = {}
     for split in splits or [s for s in task.splits if s in loaded]:
         if split not in loaded:
             raise DataError(f"nyu-mll/glue/{task.name} has no split {split!r}; it has {list(loaded)}")
-        ds = loaded[split].rename_columns(rename)
-        out[split] = ds.select_columns(list(_features(task))).cast(_features(task))
+        out[split] = loaded[split].rename_columns(rename).select_columns(list(features)).cast(features)
     return datasets.DatasetDict(out)
 
 
-def load_custom(
-    files: Mapping[str, str | os.PathLike],
-    text_columns: Sequence[str],
-    label_column: str,
-    regression: bool | None = None,
-) -> tuple[datasets.DatasetDict, TaskSpec]:
+def load_custom(files: Mapping[str, str | os.PathLike], text_columns: Sequence[str], label_column: str,
+                regression: bool | None = None) -> tuple[datasets.DatasetDict, TaskSpec]:
     """Your own task from CSV, TSV, JSON (an array of objects, or one object per line) or JSONL files, by extension.
 
     files: split -> path; 'train' is required (it defines the label set). Returns the same columns as load_task
@@ -341,32 +287,25 @@ def load_custom(
     if len(text_columns) not in (1, 2):
         raise DataError(f"text_columns must name 1 or 2 columns, got {list(text_columns)}")
     wanted = [*text_columns, label_column]
-    raw = {split: _text_and_label_columns(Path(path), wanted) for split, path in files.items()}
+    raw = {split: read_text_and_labels(Path(path), wanted) for split, path in files.items()}
 
     _, train_labels, _ = raw["train"]
     if train_labels is None:
         raise DataError(f"{files['train']}: no label column {label_column!r}")
     if regression is None:
         regression = all(_parses_as_number(v) for v in train_labels) and any(float(v) % 1 for v in train_labels)
-    if regression:
-        label_names = None
-    else:
+    label_names, metrics = None, ("pearson", "spearmanr")
+    if not regression:
         names = {str(v) for v in train_labels}
-        integers = all(_is_integer(n) for n in names)
-        label_names = tuple(sorted(names, key=(lambda n: int(n)) if integers else None))
+        try:
+            label_names = tuple(sorted(names, key=int))
+        except ValueError:  # not all integers: sorted as text
+            label_names = tuple(sorted(names))
         if len(label_names) < 2:
             raise DataError(f"{files['train']}: column {label_column!r} has one label only, {label_names}; need 2+")
-
-    pair = len(text_columns) == 2
-    if regression:
-        metrics = ("pearson", "spearmanr")
-    else:
         metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy",)  # F1 of class 1 needs 2 classes
-    task = TaskSpec(
-        "custom", tuple(text_columns), label_names, metrics,
-        main_metric="spearmanr" if regression else "accuracy",
-        max_seq_length=128 if pair else 64,
-    )
+    task = TaskSpec("custom", tuple(text_columns), label_names, metrics, "spearmanr" if regression else "accuracy",
+                    max_seq_length=128 if len(text_columns) == 2 else 64)
     label_ids = {n: i for i, n in enumerate(label_names or ())}
     known = f"the train labels {', '.join(label_names or ())}"
     out = {}
@@ -377,9 +316,8 @@ def load_custom(
     return datasets.DatasetDict(out), task
 
 
-def load_split_file(
-    path: str | os.PathLike, task: TaskSpec, split: str = "train", label_column: str = "label"
-) -> datasets.Dataset:
+def load_split_file(path: str | os.PathLike, task: TaskSpec, split: str = "train",
+                    label_column: str = "label") -> datasets.Dataset:
     """One labelled split of `task` from a file, e.g. an augmented train set; the same columns as load_task's.
 
     A .tsv for a GLUE task is read in the task's GLUE layout (as GLUE's train.tsv, and TinyBERT's
@@ -391,8 +329,8 @@ def load_split_file(
     if task.glue_dir and path.suffix.lower() == ".tsv":
         if not path.is_file():
             raise DataError(f"missing file {path}")
-        return _glue_split(path, task, split, labelled=True)
-    texts, labels, where = _text_and_label_columns(path, [*task.text_columns, label_column])
+        return _to_dataset(task, split, *read_glue_tsv(path, task, labelled=True)[1:])
+    texts, labels, where = read_text_and_labels(path, [*task.text_columns, label_column])
     if labels is None:
         raise DataError(f"{path}: no label column {label_column!r}; its rows need the task's labels")
     ids = {} if task.is_regression else {n: i for i, n in enumerate(task.label_names)}
@@ -415,13 +353,12 @@ def read_records(path: str | os.PathLike) -> tuple[list[str], list[dict], Callab
     if suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .json or .jsonl")
     # datasets' json loader fails on JSON Lines with blank lines and widens mixed int/float columns: ours.
-    located = list(_json_records(path))
+    located = _json_records(path)
     records = [r for _, r in located]
     return list(dict.fromkeys(k for r in records for k in r)), records, lambda i: located[i][0]
 
 
-def _text_and_label_columns(path: Path, wanted: list[str]
-                            ) -> tuple[list[list[str]], list | None, Callable[[int], str]]:
+def read_text_and_labels(path: Path, wanted: list[str]) -> tuple[list[list[str]], list | None, Callable[[int], str]]:
     """Text columns (all required) and the label column (optional) of one custom file, every record checked.
     Returns the text columns, the labels (None without a label column) and where(i) for messages."""
     _, records, where = read_records(path)
@@ -443,31 +380,27 @@ def _text_and_label_columns(path: Path, wanted: list[str]
     return texts, ([r[label_name] for r in records] if label_name in records[0] else None), where
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+def _json_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) per object of a JSON array ('FILE record N') or of JSON Lines ('FILE line N')."""
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):  # one JSON array of objects
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from e
-        for i, item in enumerate(items):
-            loc = f"{path} record {i + 1}"
-            if not isinstance(item, dict):
-                raise DataError(f"{loc}: expected a JSON object, got {type(item).__name__}")
-            yield loc, item
-        return
-    for n, line in enumerate(text.split("\n"), start=1):  # JSON Lines (not splitlines: JSON strings may hold U+2028)
-        if not line.strip():
-            continue
-        loc = f"{path} line {n}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{loc}: invalid JSON: {e.msg}") from e
-        if not isinstance(item, dict):
-            raise DataError(f"{loc}: expected a JSON object, got {type(item).__name__}")
-        yield loc, item
+        return [_json_object(f"{path} record {i + 1}", item) for i, item in enumerate(_loads(text, path))]
+    lines = enumerate(text.split("\n"), start=1)  # JSON Lines (not splitlines: JSON strings may hold U+2028)
+    return [_json_object(f"{path} line {n}", _loads(line, path, n)) for n, line in lines if line.strip()]
+
+
+def _loads(text: str, path: Path, line: int = 1):
+    """json.loads of text that starts at `line` of the file; a DataError names the line of a syntax error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {line + e.lineno - 1}: invalid JSON: {e.msg}") from e
+
+
+def _json_object(where: str, item) -> tuple[str, dict]:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    return where, item
 
 
 def _parses_as_number(value) -> bool:
@@ -480,16 +413,7 @@ def _parses_as_number(value) -> bool:
         return False
 
 
-def _is_integer(name: str) -> bool:
-    try:
-        int(name)
-    except ValueError:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tokenisation, padding, batching
+# -------------------------------------------------------------------------------------- tokenisation, padding, batching
 
 
 def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, max_seq_length: int) -> datasets.DatasetDict:
@@ -506,12 +430,7 @@ def tokenize(dataset_dict: datasets.DatasetDict, tokenizer, max_seq_length: int)
             batch["text_a"], *pair, truncation="longest_first", max_length=max_seq_length,
             return_token_type_ids=True, return_attention_mask=True,
         )
-        return {
-            "input_ids": enc["input_ids"],
-            "token_type_ids": enc["token_type_ids"],
-            "attention_mask": enc["attention_mask"],
-            "labels": batch["label"],
-        }
+        return {**{k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, "labels": batch["label"]}
 
     out = {}
     for split, ds in dataset_dict.items():
@@ -526,16 +445,8 @@ def collate_labelled(features: Sequence[Mapping], pad_token_id: int = 0) -> dict
     input_ids, token_type_ids, attention_mask: (B, T) long, T = longest row; padding is pad_token_id, 0 and 0.
     labels: (B,) long for classes, float for regression scores. Other keys (idx) are left out.
     """
-    lengths = [len(f["input_ids"]) for f in features]
-    B, T = len(features), max(lengths)
-    batch = {}
-    for key, pad in (("input_ids", pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
-        if key not in features[0]:
-            continue
-        out = torch.full((B, T), pad, dtype=torch.long)  # B, T
-        for i, f in enumerate(features):
-            out[i, : lengths[i]] = torch.as_tensor(f[key], dtype=torch.long)
-        batch[key] = out
+    batch = {key: pad_rows([f[key] for f in features], pad) for key, pad in
+             (("input_ids", pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)) if key in features[0]}
     if "labels" in features[0]:
         labels = [f["labels"] for f in features]
         regression = any(isinstance(v, float) or (torch.is_tensor(v) and v.is_floating_point()) for v in labels)
@@ -544,15 +455,19 @@ def collate_labelled(features: Sequence[Mapping], pad_token_id: int = 0) -> dict
     return batch
 
 
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, generator: torch.Generator, mega: int = 50
-) -> list[list[int]]:
-    """Shuffled batches of similar-length rows, so dynamic padding pads little.
+def pad_rows(rows: Sequence[Sequence[int]], value: int = 0) -> torch.Tensor:
+    """Rows of token ids (or type ids, mask bits) -> (B, T) long, T = longest row, the rest filled with value."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)  # B, T
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
 
-    Shuffle all indices, sort each mega-batch of mega*batch_size by length (longest first), cut it into batches,
-    then shuffle the order of the batches. Every index appears exactly once (the last batch of a mega-batch may be
-    short). Only `generator` draws random numbers: the same generator state gives the same batches (resume relies
-    on it).
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                           mega: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar-length rows, so dynamic padding pads little: each shuffled mega-batch of
+    mega*batch_size rows sorted by length and cut into batches, the batches shuffled. Every index appears exactly once.
+    Only `generator` draws random numbers: the same generator state gives the same batches (resume relies on it).
     """
     if batch_size < 1 or mega < 1:
         raise ValueError(f"batch_size and mega must be >= 1, got {batch_size} and {mega}")
@@ -566,13 +481,11 @@ def length_grouped_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# GLUE submission files
+# ------------------------------------------------------------------------------------------------ GLUE submission files
 
 
-def write_submission(
-    task: str | TaskSpec, predictions: Sequence, path: str | os.PathLike, indices: Sequence[int] | None = None
-) -> Path:
+def write_submission(task: str | TaskSpec, predictions: Sequence, path: str | os.PathLike,
+                     indices: Sequence[int] | None = None) -> Path:
     """Write one GLUE server prediction file: a header `index<TAB>prediction`, then one row per test example.
 
     predictions: class ids (or scores for stsb) in test-file order; indices: the rows' idx (default 0, 1, ...).
@@ -587,14 +500,14 @@ def write_submission(
     rows = []
     for i, p in zip(indices, values):
         if task.is_regression:
-            rows.append(f"{i}\t{float(p):.3f}")
-            continue
-        if int(p) != p or not 0 <= int(p) < task.num_labels:
+            rows.append(f"{i}\t{float(p):.3f}\n")
+        elif int(p) != p or not 0 <= int(p) < task.num_labels:
             raise ValueError(
                 f"prediction {p!r} for index {i} is not a class id of {task.name} (0..{task.num_labels - 1})"
             )
-        rows.append(f"{i}\t{task.label_names[int(p)] if task.string_labels else int(p)}")
+        else:
+            rows.append(f"{i}\t{task.label_names[int(p)] if task.string_labels else int(p)}\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("index\tprediction\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    path.write_text("index\tprediction\n" + "".join(rows), encoding="utf-8")
     return path
