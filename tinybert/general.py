@@ -60,8 +60,7 @@ def carry_projections(distiller: Distiller, student: str | None, say) -> None:
 
 def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller, stats: dict, steps: int) -> str:
     """The --dry-run report: recipe, both shapes, the layer map, the corpus and the schedule."""
-    lines = ["recipe:", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ")]
-    lines[-1] = "  " + lines[-1]
+    lines = ["recipe:", "  " + yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ")]
     for name, model in (("teacher", teacher), ("student", student)):
         c, n = model.config, model.num_parameters()
         lines.append(f"{name}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
@@ -70,8 +69,8 @@ def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller,
     if distiller.layer_map is None:
         lines.append("layer map: not used (no embedding, hidden or attention term)")
     else:
-        lines.append("layer map (state 0 = embeddings):")
-        lines.append(f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores")
+        lines += ["layer map (state 0 = embeddings):",
+                  f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores"]
         sh, th = student.config.hidden_size, teacher.config.hidden_size
         proj = "identity" if sh == th else f"{sh} -> {th}" + (" (shared)" if recipe.shared_projection else "")
         attention = "attention" in distiller.terms

@@ -97,8 +97,7 @@ class TaskSource:
         """The task and its splits for `kinds` (train, dev, test), each cut to its first max_* rows when > 0.
 
         Returns {split name: Dataset with text_a[, text_b], label, idx}; dev is one split per dev set of the task
-        (mnli: validation_matched, validation_mismatched), the first one picks the best checkpoint.
-        """
+        (mnli: validation_matched, validation_mismatched), the first one picks the best checkpoint."""
         if self.task is not None:
             task = get_task(self.task)
             by_kind = {"train": ("train",), "dev": task.dev_splits, "test": task.test_splits}
@@ -272,8 +271,7 @@ def score(model: Bert, task: TaskSpec, dev: dict, pad_token_id: int, batch_size:
 class Keeper:
     """on_eval for the loop: exports `model` to best/ when the main metric improves, keeps every evaluation.
 
-    `state` travels in the checkpoints (the loop's extra_state), so a resumed run knows the best so far.
-    """
+    `state` travels in the checkpoints (the loop's extra_state), so a resumed run knows the best so far."""
 
     def __init__(self, model: Bert, tokenizer, run_dir: RunDir, main_metric: str, stage: str, state: dict):
         self.model, self.tokenizer, self.run_dir, self.main, self.stage = model, tokenizer, run_dir, main_metric, stage
@@ -317,8 +315,7 @@ def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int
     """The teacher's fp32 logits (N, C) on `dataset`, computed once and then read from the cache: stage 2 feeds them
     in the batch, so it runs no teacher forward, in any epoch or any later run on the same teacher and data.
 
-    Returns the logits and a log record (cache hit or miss, teacher_forwards = teacher batches run).
-    """
+    Returns the logits and a log record (cache hit or miss, teacher_forwards = teacher batches run)."""
     path = cache_dir() / f"{logits_key(teacher_dir, dataset, max_seq_length)}.pt"
     if path.is_file():
         logits = torch.load(path, map_location="cpu", weights_only=True)
@@ -332,18 +329,13 @@ def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     torch.save(logits, tmp)
     os.replace(tmp, path)  # atomic: a concurrent or interrupted run never reads half a file
-    forwards = math.ceil(len(dataset) / batch_size)
     echo(f"teacher logits: computed for {len(dataset)} rows in {time.perf_counter() - started:.1f} s, "
          f"cached in {path}")
-    return logits, {"cache": "miss", "path": str(path), "rows": len(dataset), "teacher_forwards": forwards}
+    return logits, {"cache": "miss", "path": str(path), "rows": len(dataset),
+                    "teacher_forwards": math.ceil(len(dataset) / batch_size)}
 
 
 # ------------------------------------------------------------------------------------------------ run directories
-
-
-def count_steps(dataset, recipe: Recipe) -> int:
-    """Optimizer steps a stage on `dataset` runs (the loop's own count)."""
-    return total_steps(labelled_stage("count", None, {}, dataset, recipe, 0), recipe)
 
 
 def describe_stage(name: str, recipe: Recipe, source: dict[str, str], steps: int, rows: int, loss: str) -> str:
@@ -468,11 +460,11 @@ def _logits_column(run: Run, teacher: Bert, teacher_dir: str, train2, recipe: Re
     return train2.add_column("teacher_logits", logits.tolist()), record
 
 
-def _log_teacher_logits(stage_dir: RunDir, record: dict):
-    """Stage 2's log starts with how its teacher logits were had (cache hit or miss)."""
-    stage_dir.path.mkdir(parents=True, exist_ok=True)
-    with stage_dir.log.open("a") as f:
-        f.write(json.dumps({"stage": STAGE2, "kind": "teacher_logits", "step": 0, **record}) + "\n")
+def _distiller(teacher: Bert, student: Bert, r: Recipe, terms: dict, prediction: str) -> Distiller:
+    return Distiller(teacher, student, r.layer_map, terms=tuple(terms), attention_mode=r.attention_mode,
+                     prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
+                     shared_projection=r.shared_projection, relation_heads=r.relation_heads,
+                     teacher_layer=r.teacher_layer)
 
 
 def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, output: Path, resume: bool = False,
@@ -503,16 +495,11 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     pad = tok.pad_token_id
     sets = {n: tokenize(datasets.DatasetDict(raw), tok, r.max_seq_length) for n, r in (("stage1", r1), ("stage2", r2))}
     dev2 = {s: ds for s, ds in sets["stage2"].items() if s != "train"}
-
-    def distiller(model: Bert, r: Recipe, terms: dict) -> Distiller:
-        return Distiller(teacher_model, model, r.layer_map, terms=tuple(terms), attention_mode=r.attention_mode,
-                         prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
-                         shared_projection=r.shared_projection, relation_heads=r.relation_heads,
-                         teacher_layer=r.teacher_layer)
-
-    stage1 = _stage1(distiller(student_model, r1, terms1), r1, terms1, sets["stage1"], pad, run.device)
+    stage1 = _stage1(_distiller(teacher_model, student_model, r1, terms1, prediction), r1, terms1, sets["stage1"], pad,
+                     run.device)
     carry_projections(stage1.module, student, say)
-    steps1, steps2 = total_steps(stage1, r1), count_steps(sets["stage2"]["train"], r2)
+    steps1 = total_steps(stage1, r1)
+    steps2 = total_steps(labelled_stage("count", None, {}, sets["stage2"]["train"], r2, pad), r2)  # stage 2's own count
     rows = f"{len(raw['train'])} train rows" + (f" from {data.augmented}" if data.augmented else "")
     say(f"task {task.name}: {rows}; dev: {', '.join(f'{s} {len(ds)}' for s, ds in dev2.items())}; "
         f"main metric {task.main_metric}\n"
@@ -533,8 +520,10 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
               "student": str(student), "task": task.name, "augmented": data.augmented,
               "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}}
     start_output(run_dir, "task", record, fingerprint, clear=overwrite and not resume)
-    if logits_record is not None and run.main:
-        _log_teacher_logits(run_dir.stage(STAGE2), logits_record)
+    if logits_record is not None and run.main:  # stage 2's log starts with how its teacher logits were had
+        run_dir.stage(STAGE2).path.mkdir(parents=True, exist_ok=True)
+        with run_dir.stage(STAGE2).log.open("a") as f:
+            f.write(json.dumps({"stage": STAGE2, "kind": "teacher_logits", "step": 0, **logits_record}) + "\n")
 
     teacher_model.to(run.device)
     student_dir = _run_stage1(run, stage1, r1, steps1, run_dir, tok, resume=resume, progress=progress, say=say)
@@ -544,8 +533,8 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     student2 = load_model(student_dir)
     teacher_model.to(teacher_dtype(r2.precision))
     state, micro2 = {}, micro_batch_size(r2)
-    stage2 = labelled_stage("stage2", distiller(student2, r2, terms2), terms2, train2, r2, pad,
-                            evaluate=lambda m: score(m.student, task, dev2, pad, 2 * micro2, run.device),
+    stage2 = labelled_stage("stage2", _distiller(teacher_model, student2, r2, terms2, prediction), terms2, train2,
+                            r2, pad, evaluate=lambda m: score(m.student, task, dev2, pad, 2 * micro2, run.device),
                             on_eval=Keeper(student2, tok, run_dir, task.main_metric, STAGE2, state))
     run_stage(stage2, r2, run_dir.stage(STAGE2), steps2, run.device, resume=resume, extra_state={"tracker": state},
               progress=progress, echo=say)
@@ -597,8 +586,7 @@ def run_eval(data: TaskSource, model: str, *, split: str = "dev", max_seq_length
     """Score `model` on the task's dev splits, or predict its test splits and write GLUE submission files.
 
     Returns {"model", "task", "split", "results": {split: {"examples": N, metric: value, ...}}}; for test splits the
-    results hold the submission file instead of metrics. predictions: a TSV of split, idx, prediction, label.
-    """
+    results hold the submission file instead of metrics. predictions: a TSV of split, idx, prediction, label."""
     from tinybert.metrics import compute_metrics
 
     if split not in ("dev", "test"):

@@ -220,30 +220,21 @@ class DeepSpeedEngine:
     the seam (module, backward, step, is_gradient_accumulation_boundary) is the engine's own."""
 
     def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
-        deepspeed = init_deepspeed()
-        _, world_size = world()
-        config = dict(recipe.deepspeed)
-        micro = micro_batch_size(recipe)
-        derived = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": recipe.grad_accum,
-            "train_batch_size": micro * recipe.grad_accum * world_size,
-            "gradient_clipping": recipe.max_grad_norm,
-            "bf16": {"enabled": recipe.precision == "bf16"},
-        }
+        deepspeed, config, micro = init_deepspeed(), dict(recipe.deepspeed), micro_batch_size(recipe)
+        derived = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": recipe.grad_accum,
+                   "train_batch_size": micro * recipe.grad_accum * world()[1],
+                   "gradient_clipping": recipe.max_grad_norm, "bf16": {"enabled": recipe.precision == "bf16"}}
         for key, value in derived.items():
             if key in config and config[key] != value:
-                raise TrainingError(
-                    f"deepspeed.{key} is {config[key]!r} but the recipe implies {value!r} "
-                    f"(from batch_size, grad_accum, max_grad_norm, precision); set it through those recipe keys"
-                )
+                raise TrainingError(f"deepspeed.{key} is {config[key]!r} but the recipe implies {value!r} (from "
+                                    f"batch_size, grad_accum, max_grad_norm, precision); set it through those "
+                                    f"recipe keys")
             config[key] = value
         if config.get("fp16", {}).get("enabled") and device.type == "cpu":
             raise TrainingError("deepspeed fp16 does not run on CPU; use precision=bf16")
         # A torch optimizer, not one named in the config: DeepSpeed's own compile for about a minute on first use.
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
-        )
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                              lr_scheduler=scheduler, config=config)
         self.device = device
 
     def __getattr__(self, name: str):  # only for names this class does not set
@@ -272,19 +263,17 @@ def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: to
     from transformers import get_scheduler
 
     params = [p for p in module.parameters() if p.requires_grad]
-    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     # The fused kernel updates each tensor in one pass; torch's CPU default loops over tensors with several passes
     # each, which is most of a small student's step (TinyBERT4 on CPU: ~140 ms of Adam per step against ~23 ms).
     # DeepSpeed keeps the default: its ZeRO optimizers step flattened partitions of their own.
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.learning_rate, betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
-        fused=True if recipe.deepspeed is None and device.type in ("cpu", "cuda") else None,
-    )
+    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
+                                  fused=True if recipe.deepspeed is None and device.type in ("cpu", "cuda") else None)
     scheduler = get_scheduler(recipe.scheduler, optimizer, num_warmup_steps=int(recipe.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    engine_cls = DeepSpeedEngine if recipe.deepspeed is not None else PlainEngine
-    return engine_cls(module, optimizer, scheduler, recipe, device)
+    engine = DeepSpeedEngine if recipe.deepspeed is not None else PlainEngine
+    return engine(module, optimizer, scheduler, recipe, device)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -537,8 +526,7 @@ def train(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, steps: int, *, 
 
     Data order: epoch e's micro-batches come from stage.plan(e); rank r takes every world_size-th one.
     A checkpoint records (epoch, micro-batch) so a resumed run sees exactly the batches it had not seen.
-    Ctrl-C or SIGTERM: the step under way finishes, a checkpoint is written and Interrupted is raised.
-    """
+    Ctrl-C or SIGTERM: the step under way finishes, a checkpoint is written and Interrupted is raised."""
     from tqdm.auto import tqdm
 
     rank, world_size = world()
