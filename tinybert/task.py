@@ -293,11 +293,6 @@ class Keeper:
 # ---------------------------------------------------------------------------------------------- teacher logits
 
 
-def cache_dir() -> Path:
-    """$TINYBERT_CACHE/logits, default ~/.cache/tinybert/logits."""
-    return Path(os.environ.get("TINYBERT_CACHE", Path.home() / ".cache" / "tinybert")).expanduser() / "logits"
-
-
 def logits_key(teacher_dir: str | os.PathLike, dataset, max_seq_length: int) -> str:
     """Names the teacher's logits on a tokenised dataset: the hashes of the teacher's weights and config.json, of the
     token ids the teacher sees, and max_seq_length. Copies of the same teacher and data share the entry; any change
@@ -316,7 +311,8 @@ def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int
     in the batch, so it runs no teacher forward, in any epoch or any later run on the same teacher and data.
 
     Returns the logits and a log record (cache hit or miss, teacher_forwards = teacher batches run)."""
-    path = cache_dir() / f"{logits_key(teacher_dir, dataset, max_seq_length)}.pt"
+    cache = Path(os.environ.get("TINYBERT_CACHE", Path.home() / ".cache" / "tinybert")).expanduser() / "logits"
+    path = cache / f"{logits_key(teacher_dir, dataset, max_seq_length)}.pt"
     if path.is_file():
         logits = torch.load(path, map_location="cpu", weights_only=True)
         if logits.shape == (len(dataset), teacher.config.num_labels):
@@ -385,8 +381,7 @@ def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, 
     tok = load_tokenizer(tokenizer or model, vocab_size=bert.config.vocab_size)
     bert = with_head(bert, task, f"model {model}")
     tokenized = tokenize(datasets.DatasetDict(raw), tok, recipe.max_seq_length)
-    train_set = tokenized["train"]
-    dev = {s: ds for s, ds in tokenized.items() if s != "train"}
+    train_set, dev = tokenized["train"], {s: ds for s, ds in tokenized.items() if s != "train"}
     micro, pad = micro_batch_size(recipe), tok.pad_token_id
     state = {}  # best and history; travels in the checkpoints
     stage = labelled_stage("finetune", Finetuner(bert), {"prediction": 1.0}, train_set, recipe, pad,

@@ -58,10 +58,9 @@ def default_device() -> torch.device:
 
 
 def decide_precision(precision: str, device: torch.device, config=None, echo=None):
-    """The precision.Verdict for a recipe's `precision` on `device`: 'auto' -> bf16 where bf16 matrix products
-    measure fast (CUDA with bf16, or a CPU whose probe of the model's own hidden x intermediate product finds bf16
-    >= 1.3x fp32), else fp32; fp32 and bf16 pass through. config: the model probed (default BERT-base's shape);
-    echo: prints the decision, e.g. `precision: bf16 (auto: bf16 matmul 4.6x fp32 on this CPU)`."""
+    """The precision.Verdict for a recipe's `precision` on `device` ('auto': bf16 where bf16 matrix products measure
+    fast, see precision.resolve). config: the model whose hidden x intermediate product is probed (default BERT-base's
+    shape); echo: prints the decision, e.g. `precision: bf16 (auto: bf16 matmul 4.6x fp32 on this CPU)`."""
     from tinybert.precision import resolve
 
     shape = {} if config is None else {"hidden": config.hidden_size, "intermediate": config.intermediate_size}
@@ -152,10 +151,9 @@ def micro_batch_size(recipe: Recipe) -> int:
 
 
 class PlainEngine:
-    """The engine seam without DeepSpeed, with the methods the loop calls on a DeepSpeedEngine: call, backward,
-    step (which only steps the optimizer at an accumulation boundary), save_checkpoint, load_checkpoint.
-    Under a launcher with several processes it averages the gradients across them before each update (what DDP
-    does), so every process holds the same weights."""
+    """The engine seam without DeepSpeed: what the loop calls on a DeepSpeedEngine (step only updates at an
+    accumulation boundary). Under a launcher with several processes it averages the gradients across them before
+    each update (what DDP does), so every process holds the same weights."""
 
     def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
@@ -310,10 +308,9 @@ def seed_everything(seed: int):
 
 
 def save_checkpoint(engine, run_dir: RunDir, client_state: dict, keep: int) -> Path:
-    """Write into a temporary directory, manifest last, then rename: a crash mid-write never leaves a half
-    checkpoint under a checkpoint's name. Each rank writes rank{r}/state.json (the loop's state, JSON) and
-    rank{r}/rng.pt (its RNG states: every rank's differ); the engine its own files (rank{r}/state.pt, or DeepSpeed's
-    deepspeed/)."""
+    """Write into a temporary directory, manifest last, then rename: a crash mid-write never leaves a half checkpoint
+    under a checkpoint's name. Each rank writes rank{r}/state.json (the loop's state) and rank{r}/rng.pt (its RNG
+    states: every rank's differ); the engine its own files (rank{r}/state.pt, or DeepSpeed's deepspeed/)."""
     rank, step = world()[0], client_state["step"]
     final, tmp = run_dir.checkpoint(step), run_dir.checkpoint(step, tmp=True)
     if rank == 0 and tmp.exists():
@@ -593,14 +590,12 @@ class StopSignal:
     checkpoint is written, instead of dying mid-step. A second signal stops at once (KeyboardInterrupt). Installed
     only in the main thread (the one Python delivers signals to); the previous handlers come back on exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self):
         self.received, self.previous = None, {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
