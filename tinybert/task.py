@@ -194,11 +194,9 @@ def with_head(model: Bert, task: TaskSpec, who: str) -> Bert:
             return model
         config = c
     else:
-        config = c.replace(
-            num_labels=task.num_labels,
-            problem_type="regression" if task.is_regression else "single_label_classification",
-            id2label=None if task.is_regression else dict(enumerate(task.label_names)),
-        )
+        config = c.replace(num_labels=task.num_labels,
+                           problem_type="regression" if task.is_regression else "single_label_classification",
+                           id2label=None if task.is_regression else dict(enumerate(task.label_names)))
     out = Bert(config)
     result = out.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")},
                                  strict=False)
