@@ -43,10 +43,9 @@ def build_student(student: str | None, teacher: Bert) -> Bert:
                                       type_vocab_size=tc.type_vocab_size))
     model = load_model(student)
     if model.config.vocab_size != teacher.config.vocab_size:
-        raise CheckpointError(
-            f"student {student} has a vocabulary of {model.config.vocab_size} tokens but the teacher has "
-            f"{teacher.config.vocab_size}; distillation needs the same tokenizer for both"
-        )
+        raise CheckpointError(f"student {student} has a vocabulary of {model.config.vocab_size} tokens but the "
+                              f"teacher has {teacher.config.vocab_size}; distillation needs the same tokenizer for "
+                              f"both")
     return model
 
 
