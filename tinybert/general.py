@@ -10,26 +10,26 @@ from pathlib import Path
 import torch
 import yaml
 
-from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, read_projections, save_model
+from tinybert.checkpoint import CheckpointError, load_model, load_tokenizer, read_projections
 from tinybert.corpus import build_corpus, collate_packed, corpus_stats
 from tinybert.distill import Distiller
 from tinybert.guards import check_model_configs, check_same_vocabulary, check_schedule, run_fingerprint
 from tinybert.model import PRESETS, Bert, BertConfig
 from tinybert.recipe import Recipe
 from tinybert.rundir import RunDir
+from tinybert.task import export
 from tinybert.train import (
     Stage,
     TrainingError,
     average_terms,
     check_output,
-    clear_output,
     decide_precision,
     micro_batch_size,
     run_stage,
+    start_output,
     start_run,
     teacher_dtype,
     total_steps,
-    write_recipe,
 )
 
 
@@ -43,10 +43,9 @@ def build_student(student: str | None, teacher: Bert) -> Bert:
                                       type_vocab_size=tc.type_vocab_size))
     model = load_model(student)
     if model.config.vocab_size != teacher.config.vocab_size:
-        raise CheckpointError(
-            f"student {student} has a vocabulary of {model.config.vocab_size} tokens but the teacher has "
-            f"{teacher.config.vocab_size}; distillation needs the same tokenizer for both"
-        )
+        raise CheckpointError(f"student {student} has a vocabulary of {model.config.vocab_size} tokens but the "
+                              f"teacher has {teacher.config.vocab_size}; distillation needs the same tokenizer for "
+                              f"both")
     return model
 
 
@@ -60,8 +59,7 @@ def carry_projections(distiller: Distiller, student: str | None, say) -> None:
 
 def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller, stats: dict, steps: int) -> str:
     """The --dry-run report: recipe, both shapes, the layer map, the corpus and the schedule."""
-    lines = ["recipe:", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ")]
-    lines[-1] = "  " + lines[-1]
+    lines = ["recipe:", "  " + yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ")]
     for name, model in (("teacher", teacher), ("student", student)):
         c, n = model.config, model.num_parameters()
         lines.append(f"{name}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
@@ -70,8 +68,8 @@ def describe(recipe: Recipe, teacher: Bert, student: Bert, distiller: Distiller,
     if distiller.layer_map is None:
         lines.append("layer map: not used (no embedding, hidden or attention term)")
     else:
-        lines.append("layer map (state 0 = embeddings):")
-        lines.append(f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores")
+        lines += ["layer map (state 0 = embeddings):",
+                  f"  {'student':>8} <- {'teacher':<8} {'projection':<14} attention scores"]
         sh, th = student.config.hidden_size, teacher.config.hidden_size
         proj = "identity" if sh == th else f"{sh} -> {th}" + (" (shared)" if recipe.shared_projection else "")
         attention = "attention" in distiller.terms
@@ -125,34 +123,22 @@ def run_general(recipe: Recipe, *, teacher: str, corpus: list[str], output: Path
         order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(recipe.seed + epoch))
         return [order[i:i + micro].tolist() for i in range(0, len(order) - micro + 1, micro)]
 
-    pad = partial(collate_packed, pad_token_id=tokenizer.pad_token_id)
-    heldout = data["heldout"]
-    stage = Stage(
-        name="general", module=distiller, weights=terms, dataset=data["train"], plan=plan, collate=pad,
-        evaluate=(lambda module: average_terms(module, heldout, micro, pad, run.device,
-                                               recipe.precision, terms)) if len(heldout) else None,
-    )
+    pad, heldout = partial(collate_packed, pad_token_id=tokenizer.pad_token_id), data["heldout"]
+    evaluate = lambda m: average_terms(m, heldout, micro, pad, run.device, recipe.precision, terms)  # noqa: E731
+    stage = Stage("general", distiller, terms, data["train"], plan, pad, evaluate if len(heldout) else None)
     steps = total_steps(stage, recipe)
     if dry_run:
         echo(describe(recipe, teacher_model, student_model, distiller, corpus_stats(data), steps))
         return None
 
-    def start():
-        if overwrite and not resume:
-            clear_output(run_dir, "general")
-        write_recipe(run_dir, {**recipe.to_dict(), "teacher": str(teacher), "student": student,
-                              "corpus": [str(c) for c in corpus], "precision_decision": verdict.to_dict()},
-                     fingerprint)
-
+    record = {**recipe.to_dict(), "teacher": str(teacher), "student": student, "corpus": [str(c) for c in corpus],
+              "precision_decision": verdict.to_dict()}
     teacher_model.to(run.device, teacher_dtype(recipe.precision))
-    engine = run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, on_start=start, progress=progress,
-                       echo=say)
+    engine = run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, progress=progress, echo=say,
+                       on_start=lambda: start_output(run_dir, "general", record, fingerprint,
+                                                     clear=overwrite and not resume))
     if not run.main:
         return None
-    final = run_dir.student
-    weights = {k: v.float() for k, v in engine.module.student.state_dict().items()}
-    export = Bert(student_model.config)
-    export.load_state_dict(weights)
-    save_model(export, final, tokenizer)
-    echo(f"student written to {final}")
-    return final
+    export(engine.module.student, run_dir.student, tokenizer)
+    echo(f"student written to {run_dir.student}")
+    return run_dir.student

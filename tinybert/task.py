@@ -20,6 +20,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -53,17 +54,17 @@ from tinybert.train import (
     average_terms,
     barrier,
     check_output,
-    clear_output,
+    collate_rows,
     decide_precision,
     default_device,
     micro_batch_size,
     run_stage,
     seed_everything,
+    start_output,
     start_run,
     teacher_dtype,
     total_steps,
     world,
-    write_recipe,
 )
 
 # Bump when the way teacher logits are computed changes, so older cache files are not reused.
@@ -96,22 +97,19 @@ class TaskSource:
         """The task and its splits for `kinds` (train, dev, test), each cut to its first max_* rows when > 0.
 
         Returns {split name: Dataset with text_a[, text_b], label, idx}; dev is one split per dev set of the task
-        (mnli: validation_matched, validation_mismatched), the first one picks the best checkpoint.
-        """
+        (mnli: validation_matched, validation_mismatched), the first one picks the best checkpoint."""
         if self.task is not None:
             task = get_task(self.task)
-            names = [s for kind in kinds for s in _split_names(task, kind)
-                     if not (s == "train" and self.augmented)]
+            by_kind = {"train": ("train",), "dev": task.dev_splits, "test": task.test_splits}
+            names = [s for kind in kinds for s in by_kind[kind] if not (s == "train" and self.augmented)]
             splits = dict(load_task(task.name, self.data_dir, splits=names)) if names else {}
         else:
             if "test" in kinds:
                 raise DataError("a custom task has no GLUE test split; evaluate --split dev")
-            files = {"train": self.train}
-            if "dev" in kinds or "train" in kinds:
-                if self.validation is None:
-                    raise DataError("a custom task needs --validation FILE (the dev set every epoch is scored on)")
-                files["validation"] = self.validation
-            loaded, task = load_custom(files, self.text_columns, self.label_column)
+            if self.validation is None:
+                raise DataError("a custom task needs --validation FILE (the dev set every epoch is scored on)")
+            loaded, task = load_custom({"train": self.train, "validation": self.validation}, self.text_columns,
+                                       self.label_column)
             splits = {s: ds for s, ds in loaded.items() if s != "train" or "train" in kinds}
         if self.augmented and "train" in kinds:
             splits["train"] = load_split_file(self.augmented, task, "train", self.label_column)
@@ -120,10 +118,6 @@ class TaskSource:
             limit = max_train if split == "train" else max_eval
             out[split] = ds.select(range(limit)) if 0 < limit < len(ds) else ds
         return task, out
-
-
-def _split_names(task: TaskSpec, kind: str) -> tuple[str, ...]:
-    return {"train": ("train",), "dev": task.dev_splits, "test": task.test_splits}[kind]
 
 
 def for_task(recipe: Recipe, task: TaskSpec) -> tuple[Recipe, dict[str, str]]:
@@ -149,10 +143,16 @@ def collate_batch(features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
     return batch
 
 
-def make_plan(dataset, micro: int, seed: int):
-    """epoch -> shuffled micro-batches of similar-length rows; the same epoch always gives the same batches."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return lambda epoch: length_grouped_batches(lengths, micro, torch.Generator().manual_seed(seed + epoch))
+def labelled_stage(name: str, module: nn.Module | None, weights: dict[str, float], train, recipe: Recipe, pad: int,
+                   evaluate=None, on_eval=None) -> Stage:
+    """A stage on tokenized labelled rows: each epoch shuffled micro-batches of similar-length rows (the same epoch
+    always gives the same batches), padded per batch."""
+    lengths, micro = [len(ids) for ids in train["input_ids"]], micro_batch_size(recipe)
+
+    def plan(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, micro, torch.Generator().manual_seed(recipe.seed + epoch))
+
+    return Stage(name, module, weights, train, plan, partial(collate_batch, pad_token_id=pad), evaluate, on_eval)
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -194,11 +194,9 @@ def with_head(model: Bert, task: TaskSpec, who: str) -> Bert:
             return model
         config = c
     else:
-        config = c.replace(
-            num_labels=task.num_labels,
-            problem_type="regression" if task.is_regression else "single_label_classification",
-            id2label=None if task.is_regression else dict(enumerate(task.label_names)),
-        )
+        config = c.replace(num_labels=task.num_labels,
+                           problem_type="regression" if task.is_regression else "single_label_classification",
+                           id2label=None if task.is_regression else dict(enumerate(task.label_names)))
     out = Bert(config)
     result = out.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mlm.")},
                                  strict=False)
@@ -221,9 +219,8 @@ class Finetuner(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         logits = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits  # B, C
-        if self.model.config.is_regression:
-            return {"prediction": regression_mse(logits, batch["labels"])}
-        return {"prediction": hard_cross_entropy(logits, batch["labels"])}
+        loss = regression_mse if self.model.config.is_regression else hard_cross_entropy
+        return {"prediction": loss(logits, batch["labels"])}
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
@@ -236,8 +233,7 @@ def length_batches(dataset, pad_token_id: int, batch_size: int):
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        rows = dataset[indices]
-        batch = collate_labelled([dict(zip(rows, values)) for values in zip(*rows.values())], pad_token_id)
+        batch = collate_rows(dataset, indices, partial(collate_labelled, pad_token_id=pad_token_id))
         yield indices, {k: v for k, v in batch.items() if k != "labels"}
 
 
@@ -273,8 +269,7 @@ def score(model: Bert, task: TaskSpec, dev: dict, pad_token_id: int, batch_size:
 class Keeper:
     """on_eval for the loop: exports `model` to best/ when the main metric improves, keeps every evaluation.
 
-    `state` travels in the checkpoints (the loop's extra_state), so a resumed run knows the best so far.
-    """
+    `state` travels in the checkpoints (the loop's extra_state), so a resumed run knows the best so far."""
 
     def __init__(self, model: Bert, tokenizer, run_dir: RunDir, main_metric: str, stage: str, state: dict):
         self.model, self.tokenizer, self.run_dir, self.main, self.stage = model, tokenizer, run_dir, main_metric, stage
@@ -296,11 +291,6 @@ class Keeper:
 # ---------------------------------------------------------------------------------------------- teacher logits
 
 
-def cache_dir() -> Path:
-    """$TINYBERT_CACHE/logits, default ~/.cache/tinybert/logits."""
-    return Path(os.environ.get("TINYBERT_CACHE", Path.home() / ".cache" / "tinybert")).expanduser() / "logits"
-
-
 def logits_key(teacher_dir: str | os.PathLike, dataset, max_seq_length: int) -> str:
     """Names the teacher's logits on a tokenised dataset: the hashes of the teacher's weights and config.json, of the
     token ids the teacher sees, and max_seq_length. Copies of the same teacher and data share the entry; any change
@@ -318,9 +308,9 @@ def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int
     """The teacher's fp32 logits (N, C) on `dataset`, computed once and then read from the cache: stage 2 feeds them
     in the batch, so it runs no teacher forward, in any epoch or any later run on the same teacher and data.
 
-    Returns the logits and a log record (cache hit or miss, teacher_forwards = teacher batches run).
-    """
-    path = cache_dir() / f"{logits_key(teacher_dir, dataset, max_seq_length)}.pt"
+    Returns the logits and a log record (cache hit or miss, teacher_forwards = teacher batches run)."""
+    cache = Path(os.environ.get("TINYBERT_CACHE", Path.home() / ".cache" / "tinybert")).expanduser() / "logits"
+    path = cache / f"{logits_key(teacher_dir, dataset, max_seq_length)}.pt"
     if path.is_file():
         logits = torch.load(path, map_location="cpu", weights_only=True)
         if logits.shape == (len(dataset), teacher.config.num_labels):
@@ -333,19 +323,13 @@ def teacher_logits(teacher: Bert, teacher_dir: str, dataset, max_seq_length: int
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     torch.save(logits, tmp)
     os.replace(tmp, path)  # atomic: a concurrent or interrupted run never reads half a file
-    forwards = math.ceil(len(dataset) / batch_size)
     echo(f"teacher logits: computed for {len(dataset)} rows in {time.perf_counter() - started:.1f} s, "
          f"cached in {path}")
-    return logits, {"cache": "miss", "path": str(path), "rows": len(dataset), "teacher_forwards": forwards}
+    return logits, {"cache": "miss", "path": str(path), "rows": len(dataset),
+                    "teacher_forwards": math.ceil(len(dataset) / batch_size)}
 
 
 # ------------------------------------------------------------------------------------------------ run directories
-
-
-def count_steps(dataset, recipe: Recipe) -> int:
-    """Optimizer steps a stage on `dataset` runs (the loop's own count)."""
-    plan = make_plan(dataset, micro_batch_size(recipe), recipe.seed)
-    return total_steps(Stage("count", None, {}, dataset, plan, collate_labelled), recipe)
 
 
 def describe_stage(name: str, recipe: Recipe, source: dict[str, str], steps: int, rows: int, loss: str) -> str:
@@ -395,16 +379,12 @@ def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, 
     tok = load_tokenizer(tokenizer or model, vocab_size=bert.config.vocab_size)
     bert = with_head(bert, task, f"model {model}")
     tokenized = tokenize(datasets.DatasetDict(raw), tok, recipe.max_seq_length)
-    train_set = tokenized["train"]
-    dev = {s: ds for s, ds in tokenized.items() if s != "train"}
+    train_set, dev = tokenized["train"], {s: ds for s, ds in tokenized.items() if s != "train"}
     micro, pad = micro_batch_size(recipe), tok.pad_token_id
     state = {}  # best and history; travels in the checkpoints
-    stage = Stage(
-        name="finetune", module=Finetuner(bert), weights={"prediction": 1.0}, dataset=train_set,
-        plan=make_plan(train_set, micro, recipe.seed), collate=lambda rows: collate_batch(rows, pad),
-        evaluate=lambda module: score(module.model, task, dev, pad, micro * 2, run.device),
-        on_eval=Keeper(bert, tok, run_dir, task.main_metric, "finetune", state),
-    )
+    stage = labelled_stage("finetune", Finetuner(bert), {"prediction": 1.0}, train_set, recipe, pad,
+                           evaluate=lambda module: score(module.model, task, dev, pad, micro * 2, run.device),
+                           on_eval=Keeper(bert, tok, run_dir, task.main_metric, "finetune", state))
     steps = total_steps(stage, recipe)
     loss = "MSE to the gold scores" if task.is_regression else "cross-entropy to the gold labels"
     say(describe_stage("finetune", recipe, source, steps, len(train_set), loss))
@@ -414,14 +394,10 @@ def run_finetune(recipe: Recipe, data: TaskSource, *, model: str, output: Path, 
     check_output(run_dir, "finetune", resume=resume, overwrite=overwrite, needs_checkpoint=True,
                  inputs={**models, **_data_inputs(data)}, fingerprint=fingerprint, echo=say)
 
-    def start():
-        if overwrite and not resume:
-            clear_output(run_dir, "finetune")
-        write_recipe(run_dir, {**recipe.to_dict(), "model": str(model), "task": task.name,
-                              "precision_decision": verdict.to_dict()}, fingerprint)
-
+    record = {**recipe.to_dict(), "model": str(model), "task": task.name, "precision_decision": verdict.to_dict()}
     run_stage(stage, recipe, run_dir, steps, run.device, resume=resume, extra_state={"tracker": state},
-              on_start=start, progress=progress, echo=say)
+              on_start=lambda: start_output(run_dir, "finetune", record, fingerprint, clear=overwrite and not resume),
+              progress=progress, echo=say)
     if run.main:
         finish(bert, tok, run_dir, task, state, echo, "step")
     barrier()  # the other processes return once best/ and last/ are on disk
@@ -477,11 +453,11 @@ def _logits_column(run: Run, teacher: Bert, teacher_dir: str, train2, recipe: Re
     return train2.add_column("teacher_logits", logits.tolist()), record
 
 
-def _log_teacher_logits(stage_dir: RunDir, record: dict):
-    """Stage 2's log starts with how its teacher logits were had (cache hit or miss)."""
-    stage_dir.path.mkdir(parents=True, exist_ok=True)
-    with stage_dir.log.open("a") as f:
-        f.write(json.dumps({"stage": STAGE2, "kind": "teacher_logits", "step": 0, **record}) + "\n")
+def _distiller(teacher: Bert, student: Bert, r: Recipe, terms: dict, prediction: str) -> Distiller:
+    return Distiller(teacher, student, r.layer_map, terms=tuple(terms), attention_mode=r.attention_mode,
+                     prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
+                     shared_projection=r.shared_projection, relation_heads=r.relation_heads,
+                     teacher_layer=r.teacher_layer)
 
 
 def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, output: Path, resume: bool = False,
@@ -512,16 +488,11 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     pad = tok.pad_token_id
     sets = {n: tokenize(datasets.DatasetDict(raw), tok, r.max_seq_length) for n, r in (("stage1", r1), ("stage2", r2))}
     dev2 = {s: ds for s, ds in sets["stage2"].items() if s != "train"}
-
-    def distiller(model: Bert, r: Recipe, terms: dict) -> Distiller:
-        return Distiller(teacher_model, model, r.layer_map, terms=tuple(terms), attention_mode=r.attention_mode,
-                         prediction=prediction, temperature=r.temperature, soft_mode=r.soft_mode,
-                         shared_projection=r.shared_projection, relation_heads=r.relation_heads,
-                         teacher_layer=r.teacher_layer)
-
-    stage1 = _stage1(distiller(student_model, r1, terms1), r1, terms1, sets["stage1"], pad, run.device)
+    stage1 = _stage1(_distiller(teacher_model, student_model, r1, terms1, prediction), r1, terms1, sets["stage1"], pad,
+                     run.device)
     carry_projections(stage1.module, student, say)
-    steps1, steps2 = total_steps(stage1, r1), count_steps(sets["stage2"]["train"], r2)
+    steps1 = total_steps(stage1, r1)
+    steps2 = total_steps(labelled_stage("count", None, {}, sets["stage2"]["train"], r2, pad), r2)  # stage 2's own count
     rows = f"{len(raw['train'])} train rows" + (f" from {data.augmented}" if data.augmented else "")
     say(f"task {task.name}: {rows}; dev: {', '.join(f'{s} {len(ds)}' for s, ds in dev2.items())}; "
         f"main metric {task.main_metric}\n"
@@ -535,17 +506,17 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     check_output(run_dir, "task", resume=resume, overwrite=overwrite, inputs={**models, **_data_inputs(data)},
                  fingerprint=fingerprint, echo=say)
     # Teacher logits first: before stage 1 may cast the teacher to bf16 for DeepSpeed.
-    train2, record = sets["stage2"]["train"], None
+    train2, logits_record = sets["stage2"]["train"], None
     if "prediction" in terms2 and prediction in ("soft", "mse_teacher"):
-        train2, record = _logits_column(run, teacher_model, teacher, train2, r2, pad, say)
-    if overwrite and not resume:
-        clear_output(run_dir, "task")
-    write_recipe(run_dir, {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction},
-                          "teacher": str(teacher), "student": str(student), "task": task.name,
-                          "augmented": data.augmented,
-                          "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}}, fingerprint)
-    if record is not None and run.main:
-        _log_teacher_logits(run_dir.stage(STAGE2), record)
+        train2, logits_record = _logits_column(run, teacher_model, teacher, train2, r2, pad, say)
+    record = {"stage1": r1.to_dict(), "stage2": {**r2.to_dict(), "prediction": prediction}, "teacher": str(teacher),
+              "student": str(student), "task": task.name, "augmented": data.augmented,
+              "precision_decision": {"stage1": v1.to_dict(), "stage2": v2.to_dict()}}
+    start_output(run_dir, "task", record, fingerprint, clear=overwrite and not resume)
+    if logits_record is not None and run.main:  # stage 2's log starts with how its teacher logits were had
+        run_dir.stage(STAGE2).path.mkdir(parents=True, exist_ok=True)
+        with run_dir.stage(STAGE2).log.open("a") as f:
+            f.write(json.dumps({"stage": STAGE2, "kind": "teacher_logits", "step": 0, **logits_record}) + "\n")
 
     teacher_model.to(run.device)
     student_dir = _run_stage1(run, stage1, r1, steps1, run_dir, tok, resume=resume, progress=progress, say=say)
@@ -554,15 +525,24 @@ def run_task(recipe: Recipe, data: TaskSource, *, teacher: str, student: str, ou
     seed_everything(r2.seed)
     student2 = load_model(student_dir)
     teacher_model.to(teacher_dtype(r2.precision))
-    state = {}
-    stage2 = _stage2(distiller(student2, r2, terms2), r2, terms2, train2, task, dev2, pad, run.device,
-                     Keeper(student2, tok, run_dir, task.main_metric, STAGE2, state))
+    state, micro2 = {}, micro_batch_size(r2)
+    stage2 = labelled_stage("stage2", _distiller(teacher_model, student2, r2, terms2, prediction), terms2, train2,
+                            r2, pad, evaluate=lambda m: score(m.student, task, dev2, pad, 2 * micro2, run.device),
+                            on_eval=Keeper(student2, tok, run_dir, task.main_metric, STAGE2, state))
     run_stage(stage2, r2, run_dir.stage(STAGE2), steps2, run.device, resume=resume, extra_state={"tracker": state},
               progress=progress, echo=say)
     if run.main:
         finish(student2, tok, run_dir, task, state, echo, "stage-2 step")
     barrier()
     return run_dir.best
+
+
+def _stage1(module: Distiller, recipe: Recipe, terms: dict, sets, pad: int, device) -> Stage:
+    """Stage 1 (intermediate layers), scored by its loss terms on the first dev split: the head is not trained."""
+    first_dev = next(ds for split, ds in sets.items() if split != "train")
+    micro, pad_rows = micro_batch_size(recipe), partial(collate_batch, pad_token_id=pad)
+    return labelled_stage("stage1", module, terms, sets["train"], recipe, pad,
+                          lambda m: average_terms(m, first_dev, micro, pad_rows, device, recipe.precision, terms))
 
 
 def _run_stage1(run: Run, stage1: Stage, recipe: Recipe, steps: int, run_dir: RunDir, tokenizer, *, resume: bool,
@@ -585,27 +565,6 @@ def _run_stage1(run: Run, stage1: Stage, recipe: Recipe, steps: int, run_dir: Ru
     return student_dir
 
 
-def _stage2(module: Distiller, recipe: Recipe, terms: dict, train2, task: TaskSpec, dev2: dict, pad: int, device,
-            keeper: Keeper) -> Stage:
-    """Stage 2 (predictions), scored by the task's metrics on every dev split; `keeper` exports the best."""
-    micro = micro_batch_size(recipe)
-    return Stage(
-        name="stage2", module=module, weights=terms, dataset=train2, plan=make_plan(train2, micro, recipe.seed),
-        collate=lambda rows: collate_batch(rows, pad), on_eval=keeper,
-        evaluate=lambda m: score(m.student, task, dev2, pad, 2 * micro, device),
-    )
-
-
-def _stage1(module: Distiller, recipe: Recipe, terms: dict, sets, pad: int, device) -> Stage:
-    """Stage 1 (intermediate layers), scored by its loss terms on the first dev split: the head is not trained."""
-    micro = micro_batch_size(recipe)
-    first_dev = next(iter(ds for split, ds in sets.items() if split != "train"))
-    pad_rows = lambda rows: collate_batch(rows, pad)  # noqa: E731
-    return Stage(
-        name="stage1", module=module, weights=terms, dataset=sets["train"],
-        plan=make_plan(sets["train"], micro, recipe.seed), collate=pad_rows,
-        evaluate=lambda m: average_terms(m, first_dev, micro, pad_rows, device, recipe.precision, terms),
-    )
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
@@ -620,8 +579,7 @@ def run_eval(data: TaskSource, model: str, *, split: str = "dev", max_seq_length
     """Score `model` on the task's dev splits, or predict its test splits and write GLUE submission files.
 
     Returns {"model", "task", "split", "results": {split: {"examples": N, metric: value, ...}}}; for test splits the
-    results hold the submission file instead of metrics. predictions: a TSV of split, idx, prediction, label.
-    """
+    results hold the submission file instead of metrics. predictions: a TSV of split, idx, prediction, label."""
     from tinybert.metrics import compute_metrics
 
     if split not in ("dev", "test"):

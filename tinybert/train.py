@@ -58,10 +58,9 @@ def default_device() -> torch.device:
 
 
 def decide_precision(precision: str, device: torch.device, config=None, echo=None):
-    """The precision.Verdict for a recipe's `precision` on `device`: 'auto' -> bf16 where bf16 matrix products
-    measure fast (CUDA with bf16, or a CPU whose probe of the model's own hidden x intermediate product finds bf16
-    >= 1.3x fp32), else fp32; fp32 and bf16 pass through. config: the model probed (default BERT-base's shape);
-    echo: prints the decision, e.g. `precision: bf16 (auto: bf16 matmul 4.6x fp32 on this CPU)`."""
+    """The precision.Verdict for a recipe's `precision` on `device` ('auto': bf16 where bf16 matrix products measure
+    fast, see precision.resolve). config: the model whose hidden x intermediate product is probed (default BERT-base's
+    shape); echo: prints the decision, e.g. `precision: bf16 (auto: bf16 matmul 4.6x fp32 on this CPU)`."""
     from tinybert.precision import resolve
 
     shape = {} if config is None else {"hidden": config.hidden_size, "intermediate": config.intermediate_size}
@@ -79,17 +78,6 @@ def teacher_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launched_processes() -> int:
-    """How many processes the launcher (`torchrun`, `deepspeed`) started; 1 for a plain `python` run."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_deepspeed():
     """Start torch.distributed for DeepSpeed. Launched by `deepspeed` or `torchrun` the environment is set; a
     plain `python` run gets a one-process group on this machine."""
@@ -98,11 +86,18 @@ def init_deepspeed():
     # The shared-memory allreduce op compiles for ~37 s on first use and gloo does the job on CPU.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        with socket.socket() as s:  # a free port
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(s.getsockname()[1]))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return deepspeed
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast in a bf16 run (the weights stay fp32), nothing otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def barrier():
@@ -134,21 +129,19 @@ def start_run(recipe: Recipe, *, dry_run: bool = False) -> Run:
     device. Everything after it (micro-batch sizes, ranks, who writes) reads the world it made."""
     if not dry_run and recipe.deepspeed is not None:
         init_deepspeed()
-    elif not dry_run and launched_processes() > 1 and not torch.distributed.is_initialized():
+    elif not dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = world()
     if torch.cuda.is_available():
         torch.cuda.set_device(default_device())
     seed_everything(recipe.seed)
-    return Run(rank, world_size, default_device())
+    return Run(*world(), default_device())
 
 
 def micro_batch_size(recipe: Recipe) -> int:
     """Rows per process per forward: the recipe's batch_size is the global batch (all processes, all
     micro-batches of one optimizer step)."""
-    _, world_size = world()
-    micro = recipe.batch_size // (recipe.grad_accum * world_size)
-    if micro == 0:
+    world_size = world()[1]
+    if (micro := recipe.batch_size // (recipe.grad_accum * world_size)) == 0:
         raise TrainingError(f"batch_size {recipe.batch_size} is smaller than grad_accum x processes "
                             f"({recipe.grad_accum} x {world_size})")
     return micro
@@ -158,35 +151,35 @@ def micro_batch_size(recipe: Recipe) -> int:
 
 
 class PlainEngine:
-    """The engine seam without DeepSpeed, with the methods the loop calls on a DeepSpeedEngine: call, backward,
-    step (which only steps the optimizer at an accumulation boundary), save_checkpoint, load_checkpoint.
-    Under a launcher with several processes it averages the gradients across them before each update (what DDP
-    does), so every process holds the same weights."""
+    """The engine seam without DeepSpeed: what the loop calls on a DeepSpeedEngine (step only updates at an
+    accumulation boundary). Under a launcher with several processes it averages the gradients across them before
+    each update (what DDP does), so every process holds the same weights."""
 
     def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
-        self.grad_accum, self.max_grad_norm = recipe.grad_accum, recipe.max_grad_norm
-        self.autocast = recipe.precision == "bf16"
-        self.device = device
-        self.micro_steps = 0
-        self.grad_norm = None
+        self.recipe, self.device, self.micro_steps, self.grad_norm = recipe, device, 0, None
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+        with autocast(self.device, self.recipe.precision):
             return self.module(batch)
 
     def backward(self, loss: Tensor):
-        (loss / self.grad_accum).backward()
+        (loss / self.recipe.grad_accum).backward()
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        return (self.micro_steps + 1) % self.grad_accum == 0
+        return (self.micro_steps + 1) % self.recipe.grad_accum == 0
 
     def step(self):
         if self.is_gradient_accumulation_boundary():
             params = [p for p in self.module.parameters() if p.grad is not None]
-            _average_across_processes([p.grad for p in params])
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
-            self.grad_norm = norm.item()
+            world_size = world()[1]
+            if world_size > 1 and params:  # the gradients' mean over the processes, all-reduced in one flat buffer
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                torch.distributed.all_reduce(flat)
+                for p, chunk in zip(params, flat.div_(world_size).split([p.numel() for p in params])):
+                    p.grad.copy_(chunk.view_as(p))
+            max_norm = self.recipe.max_grad_norm if self.recipe.max_grad_norm > 0 else math.inf
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -198,14 +191,8 @@ class PlainEngine:
     def save_checkpoint(self, directory: Path):
         """directory/state.pt: tensors, and the plain numbers and lists of the optimizer's and schedule's state
         dicts, nothing that needs unpickling code to load (it loads with weights_only=True)."""
-        state = {
-            "module": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "micro_steps": self.micro_steps,
-        }
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(state, directory / "state.pt")
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps}, directory / "state.pt")
 
     def load_checkpoint(self, directory: Path):
         state = load_tensors(directory / "state.pt", self.device)
@@ -226,60 +213,33 @@ def load_tensors(path: Path, device) -> dict:
                             f"do not resume from it") from None
 
 
-def _average_across_processes(tensors: list[Tensor]):
-    """All-reduce `tensors` to their mean over the processes, in one flat buffer (a no-op for one process)."""
-    _, world_size = world()
-    if world_size == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
-
-
 class DeepSpeedEngine:
-    """deepspeed.initialize's engine behind the same seam; the recipe's `deepspeed` block is its config."""
+    """deepspeed.initialize's engine behind the same seam; the recipe's `deepspeed` block is its config. The rest of
+    the seam (module, backward, step, is_gradient_accumulation_boundary) is the engine's own."""
 
     def __init__(self, module: nn.Module, optimizer, scheduler, recipe: Recipe, device: torch.device):
-        deepspeed = init_deepspeed()
-        _, world_size = world()
-        config = dict(recipe.deepspeed)
-        micro = micro_batch_size(recipe)
-        derived = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": recipe.grad_accum,
-            "train_batch_size": micro * recipe.grad_accum * world_size,
-            "gradient_clipping": recipe.max_grad_norm,
-            "bf16": {"enabled": recipe.precision == "bf16"},
-        }
+        deepspeed, config, micro = init_deepspeed(), dict(recipe.deepspeed), micro_batch_size(recipe)
+        derived = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": recipe.grad_accum,
+                   "train_batch_size": micro * recipe.grad_accum * world()[1],
+                   "gradient_clipping": recipe.max_grad_norm, "bf16": {"enabled": recipe.precision == "bf16"}}
         for key, value in derived.items():
             if key in config and config[key] != value:
-                raise TrainingError(
-                    f"deepspeed.{key} is {config[key]!r} but the recipe implies {value!r} "
-                    f"(from batch_size, grad_accum, max_grad_norm, precision); set it through those recipe keys"
-                )
+                raise TrainingError(f"deepspeed.{key} is {config[key]!r} but the recipe implies {value!r} (from "
+                                    f"batch_size, grad_accum, max_grad_norm, precision); set it through those "
+                                    f"recipe keys")
             config[key] = value
         if config.get("fp16", {}).get("enabled") and device.type == "cpu":
             raise TrainingError("deepspeed fp16 does not run on CPU; use precision=bf16")
         # A torch optimizer, not one named in the config: DeepSpeed's own compile for about a minute on first use.
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
-        )
-        self.module = self.engine.module
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                                              lr_scheduler=scheduler, config=config)
         self.device = device
+
+    def __getattr__(self, name: str):  # only for names this class does not set
+        return getattr(self.__dict__["engine"], name)
 
     def __call__(self, batch):
         return self.engine(batch)
-
-    def backward(self, loss):
-        self.engine.backward(loss)
-
-    def is_gradient_accumulation_boundary(self):
-        return self.engine.is_gradient_accumulation_boundary()
-
-    def step(self):
-        self.engine.step()
 
     def get_global_grad_norm(self):
         norm = self.engine.get_global_grad_norm()
@@ -300,22 +260,18 @@ def build_engine(module: nn.Module, recipe: Recipe, total_steps: int, device: to
     """AdamW (no weight decay on biases and LayerNorm), warmup then the recipe's schedule, wrapped in an engine."""
     from transformers import get_scheduler
 
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     # The fused kernel updates each tensor in one pass; torch's CPU default loops over tensors with several passes
     # each, which is most of a small student's step (TinyBERT4 on CPU: ~140 ms of Adam per step against ~23 ms).
     # DeepSpeed keeps the default: its ZeRO optimizers step flattened partitions of their own.
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.learning_rate, betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
-        fused=True if recipe.deepspeed is None and device.type in ("cpu", "cuda") else None,
-    )
+    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=tuple(recipe.adam_betas), eps=recipe.adam_eps,
+                                  fused=True if recipe.deepspeed is None and device.type in ("cpu", "cuda") else None)
     scheduler = get_scheduler(recipe.scheduler, optimizer, num_warmup_steps=int(recipe.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    engine_cls = DeepSpeedEngine if recipe.deepspeed is not None else PlainEngine
-    return engine_cls(module, optimizer, scheduler, recipe, device)
+    engine = DeepSpeedEngine if recipe.deepspeed is not None else PlainEngine
+    return engine(module, optimizer, scheduler, recipe, device)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -352,19 +308,17 @@ def seed_everything(seed: int):
 
 
 def save_checkpoint(engine, run_dir: RunDir, client_state: dict, keep: int) -> Path:
-    """Write into a temporary directory, manifest last, then rename: a crash mid-write never leaves a half
-    checkpoint under a checkpoint's name. Each rank writes rank{r}/state.json (the loop's state, JSON) and
-    rank{r}/rng.pt (its RNG states: every rank's differ); the engine its own files (rank{r}/state.pt, or DeepSpeed's
-    deepspeed/)."""
-    rank, _ = world()
-    step = client_state["step"]
+    """Write into a temporary directory, manifest last, then rename: a crash mid-write never leaves a half checkpoint
+    under a checkpoint's name. Each rank writes rank{r}/state.json (the loop's state) and rank{r}/rng.pt (its RNG
+    states: every rank's differ); the engine its own files (rank{r}/state.pt, or DeepSpeed's deepspeed/)."""
+    rank, step = world()[0], client_state["step"]
     final, tmp = run_dir.checkpoint(step), run_dir.checkpoint(step, tmp=True)
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
     own = tmp / f"rank{rank}"
-    engine.save_checkpoint(own if isinstance(engine, PlainEngine) else tmp)
     own.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(own if isinstance(engine, PlainEngine) else tmp)
     tensors, numbers = rng_state()
     torch.save(tensors, own / "rng.pt")
     (own / "state.json").write_text(json.dumps(dict(client_state, rng=numbers), indent=1) + "\n")
@@ -415,16 +369,16 @@ def resume_point(run_dir: RunDir, echo) -> Path | None:
 # ------------------------------------------------------------------------------------------------ run directories
 
 
-def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, needs_checkpoint: bool = False,
-                 inputs: dict | None = None, fingerprint: dict | None = None, echo=print):
+def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, inputs: dict, fingerprint: dict,
+                 needs_checkpoint: bool = False, echo=print):
     """Refuse to mix two runs in one directory (`kind`: general, finetune or task, whose files it looks for).
-    Removes nothing: `clear_output` does, once the new run is set up, so a bad input leaves the old run intact.
+    Removes nothing: `start_output` does, once the new run is set up, so a bad input leaves the old run intact.
     needs_checkpoint: --resume also needs a checkpoint under checkpoints/ (a one-stage run). inputs: label -> the
     run's input paths, which --output may not be, hold or lie in; fingerprint: what makes the run's result, which
     --resume may not change (guards.py). Rank 0 takes the output's lock for the rest of the process."""
     from tinybert import guards
 
-    guards.check_output_place(run_dir.path, inputs or {})
+    guards.check_output_place(run_dir.path, inputs)
     if int(os.environ.get("RANK", "0")) == 0:  # before start_run: world() does not know the ranks yet
         guards.take_lock(run_dir.path, echo)
     output, holds_run = run_dir.path, run_dir.holds(kind)
@@ -436,30 +390,26 @@ def check_output(run_dir: RunDir, kind: str, *, resume: bool, overwrite: bool, n
     if not resume and holds_run and not overwrite:
         raise TrainingError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace "
                             f"it, or choose another --output")
-    if resume and fingerprint is not None:
+    if resume:
         guards.compare_fingerprint(run_dir, fingerprint, echo)
 
 
-def clear_output(run_dir: RunDir, kind: str):
-    """--overwrite: rank 0 removes the previous run's files (only those; anything else in the directory stays)."""
-    if world()[0] == 0:
-        for name in WRITES[kind]:
-            path = run_dir.path / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    barrier()
-
-
-def write_recipe(run_dir: RunDir, record: dict, fingerprint: dict | None = None):
-    """recipe.yaml: what the run was started with, and fingerprint.json: what --resume compares (rank 0)."""
+def start_output(run_dir: RunDir, kind: str, record: dict, fingerprint: dict, *, clear: bool):
+    """Once the run is set up (so a bad input leaves the old run intact), rank 0: clear (--overwrite) removes the
+    previous run's files (only those; anything else in the directory stays); then recipe.yaml, what the run was
+    started with, and fingerprint.json, what --resume compares."""
     import yaml
 
     from tinybert.guards import write_fingerprint
 
     if world()[0] == 0:
+        for name in WRITES[kind] if clear else ():
+            path = run_dir.path / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir.recipe, yaml.safe_dump(record, sort_keys=False))
-        if fingerprint is not None:
-            write_fingerprint(run_dir, fingerprint)
+        write_fingerprint(run_dir, fingerprint)
+    barrier()
 
 
 def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device: torch.device, *, resume: bool,
@@ -480,7 +430,6 @@ def run_stage(stage: Stage, recipe: Recipe, run_dir: RunDir, steps: int, device:
     if resume and world()[0] == 0:  # once the checkpoint loaded: a refused resume changes nothing
         for unfinished in run_dir.unfinished_checkpoints():  # writes a killed run never finished
             shutil.rmtree(unfinished)
-    if resume:
         trim_log(run_dir, stage.name, resumed["step"] if resumed else 0, echo)
     if resumed:
         for key, value in (extra_state or {}).items():
@@ -514,7 +463,7 @@ def trim_log(run_dir: RunDir, stage: str, step: int, echo):
     """On --resume, before the loop appends to log.jsonl (rank 0): steps after the checkpoint's `step` are run
     again, so the interrupted run's lines for them go; so does a torn last line (half a line from a run killed while
     writing it), said in one line."""
-    if world()[0] != 0 or not run_dir.log.is_file():
+    if not run_dir.log.is_file():
         return
     try:
         records, torn = read_log(run_dir.log)
@@ -522,7 +471,7 @@ def trim_log(run_dir: RunDir, stage: str, step: int, echo):
         raise TrainingError(f"--resume: {e}") from None
     if torn:
         echo(f"note: dropped the torn last line of {run_dir.log} (a run killed while writing it)")
-    kept = [record for record in records if not _after(record, stage, step)]
+    kept = [r for r in records if not (r.get("stage") == stage and r.get("step", 0) > step)]
     write_atomic(run_dir.log, "".join(json.dumps(record) + "\n" for record in kept))
 
 
@@ -530,21 +479,17 @@ class RunLog:
     """JSONL (one line per optimizer step and per evaluation) and TensorBoard scalars, written by rank 0."""
 
     def __init__(self, run_dir: RunDir, stage: str):
-        self.rank = world()[0]
-        self.stage = stage
-        self.path = run_dir.log
-        self.tb = None
-        if self.rank != 0:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        self.main, self.stage, self.path, self.tb = world()[0] == 0, stage, run_dir.log, None
+        if self.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir.tensorboard / stage))
-        except ImportError:  # tensorboard is a dependency; a stripped environment still trains
-            self.tb = None
+                self.tb = SummaryWriter(str(run_dir.tensorboard / stage))
+            except ImportError:  # tensorboard is a dependency; a stripped environment still trains
+                pass
 
     def write(self, record: dict):
-        if self.rank != 0:
+        if not self.main:
             return
         record = {"stage": self.stage, **record}
         with self.path.open("a") as f:
@@ -560,29 +505,15 @@ class RunLog:
             self.tb.close()
 
 
-def _after(record: dict, stage: str, step: int) -> bool:
-    return record.get("stage") == stage and record.get("step", 0) > step
-
-
-def _due(step: int, every: int, epoch_done: bool) -> bool:
-    """Every `every` optimizer steps; every = 0: at the end of each epoch (fine-tuning evaluates per epoch)."""
-    return step % every == 0 if every > 0 else epoch_done
-
-
 def micro_batches_per_epoch(stage: Stage, recipe: Recipe) -> int:
     """Micro-batches each rank runs in one epoch: whole optimizer steps only, the same count on every rank."""
-    _, world_size = world()
-    per_step = recipe.grad_accum * world_size
-    return (len(stage.plan(0)) // per_step) * recipe.grad_accum
+    return len(stage.plan(0)) // (recipe.grad_accum * world()[1]) * recipe.grad_accum
 
 
 def total_steps(stage: Stage, recipe: Recipe) -> int:
-    steps_per_epoch = micro_batches_per_epoch(stage, recipe) // recipe.grad_accum
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"stage {stage.name}: the data gives less than one optimizer step per epoch; lower batch_size "
-            f"({recipe.batch_size}) or give more data"
-        )
+    if (steps_per_epoch := micro_batches_per_epoch(stage, recipe) // recipe.grad_accum) == 0:
+        raise TrainingError(f"stage {stage.name}: the data gives less than one optimizer step per epoch; lower "
+                            f"batch_size ({recipe.batch_size}) or give more data")
     return recipe.max_steps if recipe.max_steps > 0 else math.ceil(recipe.epochs * steps_per_epoch)
 
 
@@ -592,22 +523,25 @@ def train(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, steps: int, *, 
 
     Data order: epoch e's micro-batches come from stage.plan(e); rank r takes every world_size-th one.
     A checkpoint records (epoch, micro-batch) so a resumed run sees exactly the batches it had not seen.
-    Ctrl-C or SIGTERM: the step under way finishes, a checkpoint is written and Interrupted is raised.
-    """
+    Ctrl-C or SIGTERM: the step under way finishes, a checkpoint is written and Interrupted is raised."""
     from tqdm.auto import tqdm
 
     rank, world_size = world()
     per_epoch = micro_batches_per_epoch(stage, recipe)
-    step = resume["step"] if resume else 0
-    epoch, position = (resume["epoch"], resume["position"]) if resume else (0, 0)
+    step, epoch, position = (resume["step"], resume["epoch"], resume["position"]) if resume else (0, 0, 0)
     log = RunLog(run_dir, stage.name)
     bar = tqdm(total=steps, initial=step, desc=stage.name, disable=not progress or rank != 0, dynamic_ncols=True)
     engine.module.train()
     tokens, started, window = 0, time.perf_counter(), {}
 
-    def client_state():
-        return {"stage": stage.name, "step": step, "epoch": epoch, "position": position,
-                "recipe": recipe.to_dict(), **(extra_state or {})}
+    def due(every: int) -> bool:
+        """Every `every` optimizer steps (every = 0: at the end of each epoch, as fine-tuning evaluates), and last."""
+        return step == steps or (step % every == 0 if every > 0 else epoch_done)
+
+    def checkpoint() -> Path:
+        state = {"stage": stage.name, "step": step, "epoch": epoch, "position": position, "recipe": recipe.to_dict(),
+                 **(extra_state or {})}
+        return save_checkpoint(engine, run_dir, state, recipe.keep_checkpoints)
 
     with StopSignal() as stop:
         try:
@@ -620,20 +554,29 @@ def train(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, steps: int, *, 
                         continue
                     step += 1
                     elapsed = time.perf_counter() - started
-                    _log_step(log, bar, stage, engine, step, epoch, window, tokens / elapsed if elapsed > 0 else 0.0,
-                              show=step % recipe.log_every == 0 or step == steps)
-                    window = {}
-                    epoch_done = position == len(mine)
+                    tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
+                    log.write({"kind": "train", "step": step, "epoch": epoch,
+                               "loss": weighted_sum(window, stage.weights), **window,
+                               "lr": engine.optimizer.param_groups[0]["lr"],
+                               "grad_norm": engine.get_global_grad_norm(), "tokens_per_s": tokens_per_s})
+                    if step % recipe.log_every == 0 or step == steps:
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in window.items()} | {"tok/s": f"{tokens_per_s:.0f}"})
+                    bar.update(1)
+                    window, epoch_done = {}, position == len(mine)
                     if epoch_done:  # the checkpoint below then points at the start of the next epoch
                         epoch, position = epoch + 1, 0
-                    if stage.evaluate is not None and (_due(step, recipe.eval_every, epoch_done) or step == steps):
-                        _evaluate(stage, engine, log, bar, step, epoch)
-                    saved = None
-                    if _due(step, recipe.save_every, epoch_done) or step == steps:
-                        saved = save_checkpoint(engine, run_dir, client_state(), recipe.keep_checkpoints)
+                    if stage.evaluate is not None and due(recipe.eval_every):
+                        metrics = stage.evaluate(engine.module)
+                        engine.module.train()
+                        log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
+                        if rank == 0:
+                            bar.write(f"[{stage.name}] step {step} eval: "
+                                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                        if stage.on_eval is not None:
+                            stage.on_eval(step, metrics)
+                    saved = checkpoint() if due(recipe.save_every) else None
                     if stop.requested(engine.device):
-                        saved = saved or save_checkpoint(engine, run_dir, client_state(), recipe.keep_checkpoints)
-                        raise Interrupted(stop.received or "a signal to another process", step, saved)
+                        raise Interrupted(stop.received or "a signal to another process", step, saved or checkpoint())
                     if epoch_done:
                         break
         finally:  # the progress line ends before any error is printed, so the error is a line of its own
@@ -647,14 +590,12 @@ class StopSignal:
     checkpoint is written, instead of dying mid-step. A second signal stops at once (KeyboardInterrupt). Installed
     only in the main thread (the one Python delivers signals to); the previous handlers come back on exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self):
         self.received, self.previous = None, {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
@@ -682,14 +623,12 @@ def _micro_step(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, step: int
                 window: dict[str, float]) -> tuple[bool, int]:
     """Forward, backward and (at an accumulation boundary) the update on one micro-batch; its terms are added to
     `window`. Returns whether the optimizer stepped, and the batch's tokens over all processes."""
-    device = engine.device
-    rows = stage.dataset[indices]
-    batch = stage.collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+    batch = collate_rows(stage.dataset, indices, stage.collate)
     # Pinned host memory makes the copy to a GPU asynchronous; on the CPU both are no-ops.
-    pin = device.type == "cuda"
-    batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+    pin = engine.device.type == "cuda"
+    batch = {k: (v.pin_memory() if pin else v).to(engine.device, non_blocking=True) for k, v in batch.items()}
     terms = engine(batch)
-    loss = sum(stage.weights.get(name, 1.0) * value for name, value in terms.items())
+    loss = weighted_sum(terms, stage.weights)
     if not torch.isfinite(loss):
         raise _non_finite(stage, recipe, run_dir, step, loss, terms, batch)
     boundary = engine.is_gradient_accumulation_boundary()
@@ -698,28 +637,6 @@ def _micro_step(stage: Stage, engine, recipe: Recipe, run_dir: RunDir, step: int
     for name, value in terms.items():
         window[name] = window.get(name, 0.0) + value.item() / recipe.grad_accum
     return boundary, int(batch["attention_mask"].sum()) * world()[1]
-
-
-def _log_step(log: RunLog, bar, stage: Stage, engine, step: int, epoch: int, window: dict[str, float],
-              tokens_per_s: float, show: bool):
-    record = {"kind": "train", "step": step, "epoch": epoch, "loss": sum(
-        stage.weights.get(k, 1.0) * v for k, v in window.items()), **window,
-        "lr": engine.optimizer.param_groups[0]["lr"], "grad_norm": engine.get_global_grad_norm(),
-        "tokens_per_s": tokens_per_s}
-    log.write(record)
-    if show:
-        bar.set_postfix({k: f"{v:.4g}" for k, v in window.items()} | {"tok/s": f"{tokens_per_s:.0f}"})
-    bar.update(1)
-
-
-def _evaluate(stage: Stage, engine, log: RunLog, bar, step: int, epoch: int):
-    metrics = stage.evaluate(engine.module)
-    engine.module.train()
-    log.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
-    if world()[0] == 0:
-        bar.write(f"[{stage.name}] step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    if stage.on_eval is not None:
-        stage.on_eval(step, metrics)
 
 
 def _non_finite(stage: Stage, recipe: Recipe, run_dir: RunDir, step: int, loss: Tensor, terms: dict,
@@ -753,15 +670,10 @@ def _teacher_non_finite(teacher: nn.Module, batch: dict[str, Tensor]) -> str | N
         return "its cached logits"
     layers = set(range(1, teacher.config.num_hidden_layers + 1))
     out = teacher(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), score_layers=layers)
-    for i, hidden in enumerate(out.hidden_states):
-        if not torch.isfinite(hidden).all():
-            return "its embeddings" if i == 0 else f"its hidden state {i}"
-    for i, scores in sorted(out.attention_scores.items()):
-        if not torch.isfinite(scores).all():
-            return f"its layer {i} attention scores"
-    if out.logits is not None and not torch.isfinite(out.logits).all():
-        return "its logits"
-    return None
+    where = [("its embeddings" if i == 0 else f"its hidden state {i}", h) for i, h in enumerate(out.hidden_states)]
+    where += [(f"its layer {i} attention scores", s) for i, s in sorted(out.attention_scores.items())]
+    where.append(("its logits", out.logits))
+    return next((name for name, t in where if t is not None and not torch.isfinite(t).all()), None)
 
 
 @torch.no_grad()
@@ -769,19 +681,24 @@ def average_terms(module: nn.Module, dataset, batch_size: int, collate, device, 
                   weights: dict[str, float]) -> dict[str, float]:
     """Held-out loss terms, averaged over examples (in batches of batch_size, in order), in eval mode."""
     module.eval()
-    sums, count = {}, 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    sums = {}
     for start in range(0, len(dataset), batch_size):
         indices = list(range(start, min(start + batch_size, len(dataset))))
-        rows = dataset[indices]
-        batch = collate([dict(zip(rows, values)) for values in zip(*rows.values())])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
+        batch = {k: v.to(device) for k, v in collate_rows(dataset, indices, collate).items()}
+        with autocast(device, precision):
             terms = module(batch)
-        n = len(indices)
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.item() * n
-        count += n
-    means = {name: total / max(count, 1) for name, total in sums.items()}
-    means["loss"] = sum(weights.get(k, 1.0) * v for k, v in means.items())
-    return means
+            sums[name] = sums.get(name, 0.0) + value.item() * len(indices)
+    means = {name: total / max(len(dataset), 1) for name, total in sums.items()}
+    return means | {"loss": weighted_sum(means, weights)}
+
+
+def collate_rows(dataset, indices: list[int], collate: Callable[[list[dict]], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The batch of `dataset`'s rows at `indices` (read in one slice, as columns), through `collate`."""
+    rows = dataset[indices]
+    return collate([dict(zip(rows, values)) for values in zip(*rows.values())])
+
+
+def weighted_sum(terms: dict, weights: dict[str, float]):
+    """The loss: each term times its weight (1 when the recipe gives none)."""
+    return sum(weights.get(name, 1.0) * value for name, value in terms.items())
