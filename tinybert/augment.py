@@ -46,6 +46,7 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 
 from tinybert.data import (DataError, TaskSpec, file_sha256, get_task, glue_file, load_task, pad_rows, read_glue_tsv,
                            read_records, read_text_and_labels)
+from tinybert.train import autocast, barrier, decide_precision, default_device
 
 # Bump when the same inputs and settings would give other output, so partial shards of older code are not reused.
 _FORMAT = "tinybert-augment-1"
@@ -212,7 +213,7 @@ class MaskedLM:
 
     def _logits(self, ids, types, mask, at) -> torch.Tensor:
         rows = torch.arange(ids.shape[0])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with autocast(self.device, self.precision):
             inputs = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self.tokenizer.model_input_names:
                 inputs["token_type_ids"] = types
@@ -465,8 +466,6 @@ def augment(table: Table, augmenter: Augmenter, output: str | os.PathLike, *, fi
     Under a launcher each rank takes every world-th shard and rank 0 writes the output."""
     from tqdm.auto import tqdm
 
-    from tinybert.train import barrier
-
     output = Path(output)
     work = output.with_name(output.name + ".partial")
     rank, world = _distributed()
@@ -544,8 +543,6 @@ def run_augment(*, output: str | os.PathLike, mlm: str | None = None, word_vecto
 
     settings=None takes the defaults, with N per task (DEFAULT_COPIES). Returns counts and timings."""
     import time
-
-    from tinybert.train import decide_precision, default_device
 
     output, rank0 = Path(output), int(os.environ.get("RANK", "0")) == 0
     if not rank0:  # under a launcher only rank 0 speaks

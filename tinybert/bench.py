@@ -8,7 +8,6 @@ import json
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tinybert.checkpoint import load_model, read_config
 from tinybert.download import hub_snapshot
 from tinybert.model import Bert
 from tinybert.rundir import BENCH, Bench, BenchSide
+from tinybert.train import autocast
 
 
 def _sync(device: torch.device):
@@ -43,9 +43,8 @@ def time_forward(model: torch.nn.Module, batch: dict, device: torch.device, dtyp
     """Seconds per forward pass (eval mode, inference_mode, bf16 = autocast), after `warmup` untimed passes.
     `call(model, batch)` runs one pass; the default passes the batch as keyword arguments."""
     call = call or (lambda m, b: m(**b))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, dtype):
         return time_calls(lambda: call(model, batch), warmup=warmup, repeats=repeats, sync=lambda: _sync(device))
 
 
